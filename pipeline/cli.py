@@ -1,0 +1,194 @@
+"""The ``trashsort`` command line: train, evaluate, predict.
+
+Every expected failure (missing folder, bad weights, class mismatch, broken manifest) ends with
+one clear ``Error:`` line and exit status 1 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline.manifest import ManifestError
+
+EXPECTED_ERRORS: tuple[type[Exception], ...] = (ManifestError, FileNotFoundError, FileExistsError,
+                                                ValueError)
+
+
+def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn expected errors into one line on stderr and exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except EXPECTED_ERRORS as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Log more (decoding, resume, each epoch).")
+def main(verbose: bool) -> None:
+    """trashsort: fine-tune a recycling classifier and package it for phones, Pis and Jetsons."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(message)s")
+
+
+@main.command()
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path), required=False,
+              help="Folder with one sub-folder per class (optional splits.csv).  "
+                   "[default: $TRASHSORT_DATA]")
+@click.option("--model", default="mobilenetv3_small", show_default=True,
+              help="Preset (mobilenetv3_small, efficientnet_lite0) or any timm model name.")
+@click.option("--weights", type=click.Path(path_type=Path),
+              help="Local ImageNet weights file (.pth). Default: $TRASHSORT_WEIGHTS_DIR, then the Hub.")
+@click.option("--no-pretrained", is_flag=True, help="Start from random weights (tests only).")
+@click.option("--size", type=int, help="Input size in pixels.  [default: the model's, 224]")
+@click.option("--epochs", type=click.IntRange(min=1), default=40, show_default=True,
+              help="Training epochs (early stopping may end sooner).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Photos per optimizer step.")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak AdamW learning rate.")
+@click.option("--patience", type=click.IntRange(min=1), default=12, show_default=True,
+              help="Stop after this many epochs without a better val top-1.")
+@click.option("--balance/--no-balance", default=True, show_default=True,
+              help="Class-weighted loss (rare classes count as much as common ones).")
+@click.option("--ema-decay", type=float, default=0.998, show_default=True,
+              help="Weight EMA decay (0 = off); val and the checkpoint use the EMA weights.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds weights, split (without splits.csv), order and augmentation.")
+@click.option("--threads", type=int, help="CPU threads.  [default: all cores]")
+@click.option("--out", "out_dir", default="runs", show_default=True, help="Where run folders go.")
+@click.option("--run-name", help="Run folder name.  [default: <date>-<model>]")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Continue an interrupted run folder (other options are read from it).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@friendly_errors
+def train(data: Path | None, model: str, weights: Path | None, no_pretrained: bool, size: int | None,
+          epochs: int, batch_size: int, lr: float, patience: int, balance: bool, ema_decay: float,
+          seed: int, threads: int | None, out_dir: str, run_name: str | None, resume_dir: Path | None,
+          quiet: bool) -> None:
+    """Fine-tune a timm model on a class-folder dataset; writes runs/<id>/ with the checkpoint,
+    manifest.json, metrics and the data report (runs/latest points at it)."""
+    from pipeline import train as train_mod
+    from pipeline.model import WeightsError
+
+    try:
+        if resume_dir is not None:
+            result = train_mod.resume(resume_dir, progress=not quiet)
+        else:
+            data = data or _env_path("TRASHSORT_DATA", "--data")
+            cfg = train_mod.TrainConfig(
+                data=str(data), model=model, weights=str(weights) if weights else None,
+                pretrained=not no_pretrained, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
+                patience=patience, balance=balance, ema_decay=ema_decay, seed=seed, threads=threads,
+                out_dir=out_dir, run_name=run_name)
+            result = train_mod.train(cfg, progress=not quiet)
+    except WeightsError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"run {result.run_dir}: val top-1 {result.metrics['top1']:.4f}, "
+               f"macro-F1 {result.metrics['macro_f1']:.4f}")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path),
+              help="Score this class-folder dataset as a whole (e.g. a held-out test set). "
+                   "[default: the run's own val split]")
+@click.option("--split", default="val", show_default=True,
+              help="With the run's data: which split of splits.csv to score.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where metrics.json and the confusion matrix go.  [default: <run>/eval-<name>]")
+@friendly_errors
+def evaluate(checkpoint: Path, data: Path | None, split: str, out_dir: Path | None) -> None:
+    """Score a checkpoint (a run folder or its checkpoint.pt): top-1, per-class P/R/F1, confusion
+    matrix (CSV + PNG) and expected calibration error, written to metrics.json."""
+    from pipeline import data as data_mod
+    from pipeline.evaluate import compute_metrics, format_summary, predict_probs, write_report
+    from pipeline.manifest import check_classes_match
+    from pipeline.train import TrainConfig, load_checkpoint
+
+    model, manifest = load_checkpoint(checkpoint)
+    run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    if data is not None:
+        folder = data_mod.scan_folder(data, all_split="test")
+        samples, label = folder.samples, data.name
+    else:
+        cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        folder = data_mod.scan_folder(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        samples, label = folder.split(split), split
+        if not samples:
+            raise click.ClickException(f"{cfg.data}: no photos in split {split!r}")
+    check_classes_match(manifest, folder.classes, str(data or folder.root))
+    pre = manifest.preprocess
+    decoded = data_mod.decode_split(samples, pre.resize_shorter_to, pre.interpolation, desc="decode")
+    images = data_mod.center_crops(decoded.images, pre.size[0])
+    metrics = compute_metrics(decoded.labels, predict_probs(model, images, progress=True),
+                              manifest.class_names)
+    out_dir = out_dir or run_dir / f"eval-{label}"
+    write_report(metrics, out_dir, extra={"split": label, "data": str(data or folder.root),
+                                          "checkpoint": str(checkpoint),
+                                          "skipped": decoded.skipped})
+    click.echo(format_summary(metrics))
+    if decoded.skipped:
+        click.echo(f"skipped {len(decoded.skipped)} unreadable file(s); see {out_dir / 'metrics.json'}")
+    click.echo(f"wrote {out_dir / 'metrics.json'}")
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=Path("runs/latest"),
+              show_default=True, help="Run folder or checkpoint.pt.")
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
+@friendly_errors
+def predict(images: tuple[Path, ...], checkpoint: Path, top_k: int, as_json: bool) -> None:
+    """Classify image files with a trained checkpoint (unreadable files are reported and skipped)."""
+    import numpy as np
+
+    from edge.preprocess import ImageDecodeError, load_rgb, resize_and_crop
+    from pipeline.evaluate import predict_probs
+    from pipeline.train import load_checkpoint
+
+    model, manifest = load_checkpoint(checkpoint)
+    pre = manifest.preprocess
+    failures = 0
+    for path in images:
+        try:
+            pixels = resize_and_crop(load_rgb(path), pre.size, pre.resize_shorter_to, pre.interpolation)
+        except (ImageDecodeError, FileNotFoundError) as e:
+            click.echo(f"warning: skipped {e}", err=True)
+            failures += 1
+            continue
+        probs = predict_probs(model, pixels[None])[0]
+        order = np.argsort(-probs)[:top_k]
+        top = [{"label": manifest.classes[i].name, "stream": manifest.classes[i].stream,
+                "probability": round(float(probs[i]), 4)} for i in order]
+        if as_json:
+            click.echo(json.dumps({"image": str(path), "top": top}))
+        else:
+            click.echo(f"{path}: " + ", ".join(f"{t['label']} {t['probability']:.3f}" for t in top))
+    if failures == len(images):
+        sys.exit(1)
+
+
+def _env_path(var: str, option: str) -> Path:
+    import os
+
+    value = os.environ.get(var)
+    if not value:
+        raise click.UsageError(f"{option} is required (or set ${var})")
+    return Path(value)
+
+
+if __name__ == "__main__":
+    main()
