@@ -30,7 +30,8 @@ def export_int8(model: nn.Module, example: torch.Tensor, calibration: np.ndarray
                 batch_size: int = 16) -> bytes:
     """PT2E INT8: prepare with XNNPACKQuantizer, run the calibration photos, convert, lower."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-        XNNPACKQuantizer, get_symmetric_quantization_config,
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
