@@ -1,0 +1,276 @@
+"""Export a trained run into a verified bundle: every artefact exported, run in its real runtime on
+val, gated against PyTorch, and written with the manifest, labels, golden set and report.
+
+``dist/<name>-v<version>/``::
+
+    manifest.json      classes, input contract, and per artefact: file, format, precision, bytes,
+                       sha256, input/output tensors, val metrics, golden tolerance
+    model_*.pte|.tflite|.onnx
+    labels.txt         class names, one per line, in output order (from the manifest)
+    golden/            a few val photos + expected.json (input tensor hashes, per-artefact probabilities)
+    report.md          accuracy / size / latency table
+
+The bundle is built in a hidden temp folder beside the final one and renamed when complete, so an
+interrupted export never leaves a half bundle under the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline import data as data_mod
+from pipeline.evaluate import predict_probs
+from pipeline.export import ARTEFACTS, ArtefactSpec, driver
+from pipeline.manifest import Manifest, Preprocess, write_bytes_atomic, write_json_atomic
+from pipeline.model import sha256_file
+from pipeline.validate import Thresholds, gate, parity, softmax
+
+# How closely a device must reproduce the golden probabilities recorded here (other CPUs, other
+# kernels: fp32 differs in the last bits, INT8 by a rounding step here and there).
+GOLDEN_TOLERANCE = {"fp32": {"min_agreement": 1.0, "max_prob_diff": 0.01},
+                    "int8": {"min_agreement": 0.95, "max_prob_diff": 0.1}}
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be built (or was built without some artefacts), with the reasons."""
+
+
+@dataclass
+class ExportData:
+    """What an export needs from the data: val photos with labels, calibration and golden photos."""
+
+    val_images: np.ndarray  # uint8 (N, H, W, 3): the contract's input tensors
+    val_labels: np.ndarray
+    calibration: np.ndarray  # uint8 (M, H, W, 3), real training photos
+    golden_squares: np.ndarray  # uint8 (G, S, S, 3): shorter side already resized, before the crop
+    golden_labels: np.ndarray
+
+
+@dataclass
+class BundleResult:
+    path: Path | None
+    manifest: Manifest | None
+    failures: dict[str, str] = field(default_factory=dict)  # artefact file -> why it was left out
+
+
+def stratified_pick(labels: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
+    """Up to ``count`` indices spread over the classes in proportion (at least one per class)."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    picked: list[int] = []
+    for c in classes:
+        idx = np.flatnonzero(labels == c)
+        share = max(1, round(count * len(idx) / len(labels)))
+        picked += rng.permutation(idx)[:share].tolist()
+    return np.sort(np.array(picked[:max(count, len(classes))], dtype=np.int64))
+
+
+def load_export_data(folder: data_mod.ImageFolder, preprocess: Preprocess, calibration_count: int = 200,
+                     golden_count: int = 24, seed: int = 0) -> ExportData:
+    """Decode (through the cache) val and train; pick calibration and golden photos, stratified."""
+    side, size = preprocess.resize_shorter_to, preprocess.size[0]
+    val = data_mod.decode_split(folder.split("val"), side, preprocess.interpolation, desc="decode val")
+    train = data_mod.decode_split(folder.split("train"), side, preprocess.interpolation, desc="decode train")
+    if len(val.labels) == 0 or len(train.labels) == 0:
+        raise BundleError(f"{folder.root}: export needs readable train (calibration) and val (gate) photos")
+    calib = stratified_pick(train.labels, calibration_count, seed)
+    golden = stratified_pick(val.labels, golden_count, seed)
+    return ExportData(
+        val_images=data_mod.center_crops(val.images, size), val_labels=val.labels,
+        calibration=np.ascontiguousarray(data_mod.center_crops(train.images[calib], size)),
+        golden_squares=val.images[golden], golden_labels=val.labels[golden],
+    )
+
+
+def input_contract_problems(io: dict[str, Any], manifest: Manifest) -> list[str]:
+    """Where an artefact's declared input/output tensors differ from the manifest's contract."""
+    height, width = manifest.preprocess.size
+    problems = []
+    (inp,), (out,) = io["inputs"], io["outputs"]
+    if [int(s) for s in inp["shape"]] != [1, height, width, 3]:
+        problems.append(f"input shape {inp['shape']} is not [1, {height}, {width}, 3]")
+    quant = inp.get("quantization")
+    raw_bytes = inp["dtype"] == "uint8" or (
+        inp["dtype"] == "int8" and quant == {"scale": 1.0, "zero_point": -128})
+    if not raw_bytes:
+        problems.append(f"input {inp['dtype']} {quant} does not take the contract's uint8 pixels")
+    if [int(s) for s in out["shape"]] != [1, manifest.num_classes]:
+        problems.append(f"output shape {out['shape']} is not [1, {manifest.num_classes}] (one per class)")
+    return problems
+
+
+def measure_latency(runner: Any, image: np.ndarray, warmup: int = 5, runs: int = 30) -> dict[str, float]:
+    """Batch-1 latency in ms: median and p90 over ``runs`` after ``warmup``."""
+    batch = image[None]
+    for _ in range(warmup):
+        runner(batch)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        runner(batch)
+        times.append((time.perf_counter() - t0) * 1000)
+    return {"median_ms": statistics.median(times), "p90_ms": float(np.percentile(times, 90)), "runs": runs}
+
+
+def build_bundle(
+    model: Any, manifest: Manifest, data: ExportData, out_dir: str | Path = "dist",
+    artefacts: tuple[ArtefactSpec, ...] = ARTEFACTS, thresholds: Thresholds | None = None,
+    force: bool = False, progress: bool = True,
+) -> BundleResult:
+    """Export, gate and bundle. Artefacts that fail the gate are left out and listed in the result."""
+    thresholds = thresholds or Thresholds()
+    final = Path(out_dir) / f"{manifest.name}-v{manifest.version}"
+    if final.exists() and not force:
+        raise BundleError(f"{final}: bundle already exists (use --force to replace it)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".{final.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        result = _build(model, manifest, data, staging, artefacts, thresholds, progress)
+        if result.manifest is None:
+            shutil.rmtree(staging)
+            return result
+        _replace_dir(staging, final)
+        result.path = final
+        return result
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _build(model: Any, manifest: Manifest, data: ExportData, staging: Path, artefacts: tuple[ArtefactSpec, ...],
+           thresholds: Thresholds, progress: bool) -> BundleResult:
+    classes = manifest.class_names
+    reference = predict_probs(model, data.val_images)
+    reference_top1 = float((reference.argmax(1) == data.val_labels).mean())
+    golden_inputs = data_mod.center_crops(data.golden_squares, manifest.preprocess.size[0])
+    golden_reference = predict_probs(model, golden_inputs)
+
+    entries, golden_probs, failures = [], {}, {}
+    bar = tqdm(artefacts, desc="export", unit="artefact", disable=not progress)
+    for spec in bar:
+        bar.set_postfix_str(spec.file)
+        path = staging / spec.file
+        t0 = time.perf_counter()
+        write_bytes_atomic(path, driver(spec.format).export(model, spec.precision, data.calibration))
+        export_s = time.perf_counter() - t0
+        runner = driver(spec.format).Runner(path, threads=1)
+        io = runner.io
+        problems = input_contract_problems(io, manifest)
+        probs = softmax(runner(data.val_images))
+        result = parity(probs, reference, data.val_labels, classes)
+        reason = "; ".join(problems) or gate(result, reference_top1, spec.precision, thresholds)
+        if reason:
+            failures[spec.file] = reason
+            path.unlink()
+            tqdm.write(f"  FAIL {spec.file}: {reason}")
+            continue
+        latency = measure_latency(runner, data.val_images[0])
+        golden_probs[spec.file] = softmax(runner(golden_inputs)).round(6).tolist()
+        entries.append({
+            "file": spec.file, "format": spec.format, "precision": spec.precision,
+            "bytes": path.stat().st_size, "sha256": sha256_file(path), **io,
+            "val": result, "latency_1thread": latency, "export_seconds": round(export_s, 1),
+            "golden_tolerance": GOLDEN_TOLERANCE[spec.precision],
+        })
+        tqdm.write(f"  ok   {spec.file}: {path.stat().st_size / 1e6:.2f} MB, val top-1 {result['top1']:.4f}, "
+                   f"agreement {result['agreement']:.4f}, {latency['median_ms']:.2f} ms")
+    bar.close()
+    if not entries:
+        return BundleResult(None, None, failures)
+
+    bundle_manifest = Manifest.from_dict(manifest.to_dict())
+    bundle_manifest.artefacts = entries
+    bundle_manifest.metrics = {**manifest.metrics, "pytorch_val": {"top1": reference_top1,
+                                                                   "count": int(len(data.val_labels))},
+                               "gate": {"fp32_min_agreement": thresholds.fp32_min_agreement,
+                                        "int8_max_top1_drop": thresholds.int8_max_top1_drop}}
+    bundle_manifest.add_history(f"exported {', '.join(e['file'] for e in entries)}", bump=False)
+    bundle_manifest.save(staging / "manifest.json")
+    (staging / "labels.txt").write_text("".join(f"{c}\n" for c in classes), encoding="utf-8")
+    _write_golden(staging / "golden", data, golden_inputs, golden_reference, golden_probs, classes)
+    (staging / "report.md").write_text(report_markdown(bundle_manifest, failures), encoding="utf-8")
+    return BundleResult(None, bundle_manifest, failures)
+
+
+def _write_golden(folder: Path, data: ExportData, inputs: np.ndarray, reference: np.ndarray,
+                  probs: dict[str, list], classes: list[str]) -> None:
+    """Golden photos as PNG squares (shorter side already at the contract's resize, so a device's
+    resize is the identity and its crop must give exactly ``input_sha256``), with expected outputs."""
+    folder.mkdir()
+    images = []
+    for i, (square, label, tensor) in enumerate(zip(data.golden_squares, data.golden_labels, inputs)):
+        name = f"{i:03d}_{classes[label]}.png"
+        Image.fromarray(square).save(folder / name)
+        images.append({"file": name, "label": classes[label],
+                       "input_sha256": hashlib.sha256(np.ascontiguousarray(tensor).tobytes()).hexdigest()})
+    write_json_atomic(folder / "expected.json", {"images": images, "pytorch": reference.round(6).tolist(),
+                                                 "artefacts": probs})
+
+
+def report_markdown(manifest: Manifest, failures: dict[str, str]) -> str:
+    pt = manifest.metrics["pytorch_val"]
+    lines = [f"# {manifest.name} v{manifest.version}", "",
+             f"Classes: {', '.join(manifest.class_names)}. Input: uint8 RGB NHWC "
+             f"{manifest.preprocess.size[0]}x{manifest.preprocess.size[1]} "
+             f"(shorter side to {manifest.preprocess.resize_shorter_to}, center crop).", "",
+             f"PyTorch val top-1: {pt['top1']:.4f} (n={pt['count']}).", "",
+             "| artefact | size (MB) | val top-1 | macro-F1 | agreement with PyTorch | max prob diff "
+             "| latency ms (1 thread, median / p90) |",
+             "|---|---|---|---|---|---|---|"]
+    for a in manifest.artefacts:
+        v, lat = a["val"], a["latency_1thread"]
+        lines.append(f"| {a['file']} | {a['bytes'] / 1e6:.2f} | {v['top1']:.4f} | {v['macro_f1']:.4f} | "
+                     f"{v['agreement']:.4f} | {v['max_prob_diff']:.4f} | "
+                     f"{lat['median_ms']:.2f} / {lat['p90_ms']:.2f} |")
+    for file, reason in failures.items():
+        lines.append(f"| {file} | left out: {reason} | | | | | |")
+    lines += ["", "Latency: batch 1, this export machine, a quick measure; `trashsort bench` measures "
+              "properly.", ""]
+    return "\n".join(lines)
+
+
+def _replace_dir(staging: Path, final: Path) -> None:
+    """Put the finished bundle under its final name; an older bundle there is removed only after."""
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+    os.replace(staging, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def summary_line(result: BundleResult) -> str:
+    m = result.manifest
+    assert m is not None
+    accs = ", ".join(f"{a['file']} {a['val']['top1']:.4f}" for a in m.artefacts)
+    return f"bundle {result.path}: PyTorch val top-1 {m.metrics['pytorch_val']['top1']:.4f}; {accs}"
+
+
+def export_run(checkpoint: str | Path, data: str | Path | None = None, calibration_count: int = 200,
+               golden_count: int = 24, **bundle_options: Any) -> BundleResult:
+    """Export a training run (its folder or checkpoint.pt), with its own data split unless ``data``."""
+    from pipeline.manifest import check_classes_match
+    from pipeline.train import TrainConfig, load_checkpoint
+
+    model, manifest = load_checkpoint(checkpoint)
+    run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    folder = data_mod.scan_folder(data or cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    check_classes_match(manifest, folder.classes, str(folder.root))
+    export_data = load_export_data(folder, manifest.preprocess, calibration_count, golden_count, cfg.seed)
+    return build_bundle(model, manifest, export_data, **bundle_options)
