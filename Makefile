@@ -1,4 +1,4 @@
-# trashsort: `make setup && make train` (and, with the export issue, `make export-mobile`), `make test`.
+# trashsort: `make setup && make export-mobile` (the main job), `make test`, `make bench`.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,13 +7,18 @@ SHARED ?= ../shared
 DATA ?= $(SHARED)/datasets/trashnet
 MODEL ?= mobilenetv3_small
 ARGS ?=
+# export-mobile: CHECKPOINT=runs/<id> skips fine-tuning; TRAIN_ARGS / EXPORT_ARGS pass options on.
+CHECKPOINT ?=
+TRAIN_ARGS ?=
+EXPORT_ARGS ?=
+BUNDLE ?= $(shell ls -dt dist/*/ 2>/dev/null | head -n 1)
 
 # Offline here: use the local ImageNet weights in ../shared when they exist (else the Hub).
 ifneq ($(wildcard $(SHARED)/weights),)
 export TRASHSORT_WEIGHTS_DIR ?= $(abspath $(SHARED)/weights)
 endif
 
-.PHONY: setup train evaluate test lint clean
+.PHONY: setup train evaluate export-mobile bench test lint clean
 
 # CPU-only torch comes from constraints.txt (torch==2.13.0+cpu); without it pip pulls CUDA builds.
 setup: $(BIN)/python
@@ -30,6 +35,20 @@ train:
 
 evaluate:
 	$(BIN)/trashsort evaluate runs/latest $(ARGS)
+
+# data -> fine-tune (unless CHECKPOINT=...) -> .pte/.tflite/.onnx, fp32 + INT8 -> parity gate -> dist/
+export-mobile:
+ifeq ($(CHECKPOINT),)
+	$(BIN)/trashsort train --data $(DATA) --model $(MODEL) $(TRAIN_ARGS)
+	$(BIN)/trashsort export runs/latest $(EXPORT_ARGS)
+else
+	$(BIN)/trashsort export $(CHECKPOINT) $(EXPORT_ARGS)
+endif
+
+# PyTorch eager vs every artefact of the newest bundle (or BUNDLE=dist/...): bench.md + bench.png
+bench:
+	@test -n "$(BUNDLE)" || { echo "no bundle in dist/: run make export-mobile first"; exit 1; }
+	$(BIN)/trashsort bench $(BUNDLE) --checkpoint $(or $(CHECKPOINT),runs/latest) $(ARGS)
 
 lint:
 	$(BIN)/ruff check pipeline edge tests

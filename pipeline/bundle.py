@@ -30,11 +30,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from edge.bundle import sha256_file, verify
 from pipeline import data as data_mod
 from pipeline.evaluate import predict_probs
 from pipeline.export import ARTEFACTS, ArtefactSpec, driver
 from pipeline.manifest import Manifest, Preprocess, write_bytes_atomic, write_json_atomic
-from pipeline.model import sha256_file
 from pipeline.validate import Thresholds, gate, parity, softmax
 
 # How closely a device must reproduce the golden probabilities recorded here (other CPUs, other
@@ -143,6 +143,7 @@ def build_bundle(
         if result.manifest is None:
             shutil.rmtree(staging)
             return result
+        verify(staging)  # what was written is what the manifest says
         _replace_dir(staging, final)
         result.path = final
         return result

@@ -1,4 +1,4 @@
-"""The ``trashsort`` command line: train, evaluate, predict.
+"""The ``trashsort`` command line: train, evaluate, predict, export, bench.
 
 Every expected failure (missing folder, bad weights, class mismatch, broken manifest) ends with
 one clear ``Error:`` line and exit status 1 instead of a traceback.
@@ -16,10 +16,11 @@ from typing import Any
 
 import click
 
+from edge.bundle import BundleInvalid
 from pipeline.manifest import ManifestError
 
-EXPECTED_ERRORS: tuple[type[Exception], ...] = (ManifestError, FileNotFoundError, FileExistsError,
-                                                ValueError)
+EXPECTED_ERRORS: tuple[type[Exception], ...] = (ManifestError, BundleInvalid, FileNotFoundError,
+                                                FileExistsError, ValueError)
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -179,6 +180,70 @@ def predict(images: tuple[Path, ...], checkpoint: Path, top_k: int, as_json: boo
             click.echo(f"{path}: " + ", ".join(f"{t['label']} {t['probability']:.3f}" for t in top))
     if failures == len(images):
         sys.exit(1)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path), default=Path("runs/latest"))
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path),
+              help="Class-folder dataset for calibration (train split) and the gate (val split). "
+                   "[default: the run's own data]")
+@click.option("--out", "out_dir", default="dist", show_default=True,
+              help="Bundles go to OUT/<name>-v<version>/.")
+@click.option("--formats", help="Comma list of artefacts: executorch, tflite, onnx or e.g. tflite-int8. "
+                                "[default: all six]")
+@click.option("--calibration", "calibration_count", type=click.IntRange(min=1), default=200,
+              show_default=True, help="Training photos (stratified) to calibrate INT8 on.")
+@click.option("--golden", "golden_count", type=click.IntRange(min=1), default=24, show_default=True,
+              help="Val photos kept in golden/ with their expected outputs, for on-device checks.")
+@click.option("--fp32-min-agreement", type=click.FloatRange(0, 1), default=0.995, show_default=True,
+              help="Gate: share of val photos where an fp32 artefact's top-1 equals PyTorch's.")
+@click.option("--int8-max-drop", type=click.FloatRange(0, 1), default=0.015, show_default=True,
+              help="Gate: largest val top-1 drop of an INT8 artefact below PyTorch (0.015 = 1.5 pp).")
+@click.option("--force", is_flag=True, help="Replace an existing bundle of the same name and version.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@friendly_errors
+def export(checkpoint: Path, data: Path | None, out_dir: str, formats: str | None, calibration_count: int,
+           golden_count: int, fp32_min_agreement: float, int8_max_drop: float, force: bool,
+           quiet: bool) -> None:
+    """Export a trained run (default runs/latest) to ExecuTorch .pte, LiteRT .tflite and ONNX, fp32
+    and INT8; run each in its own runtime on val against PyTorch (the parity gate) and write the
+    bundle. An artefact that fails the gate is left out and the command exits 1 with the reason."""
+    from pipeline import bundle as bundle_mod
+    from pipeline.export import select
+    from pipeline.validate import Thresholds
+
+    result = bundle_mod.export_run(
+        checkpoint, data, calibration_count=calibration_count, golden_count=golden_count,
+        out_dir=out_dir, artefacts=select(formats), force=force, progress=not quiet,
+        thresholds=Thresholds(fp32_min_agreement, int8_max_drop))
+    if result.path is not None:
+        click.echo(bundle_mod.summary_line(result))
+    if result.failures:
+        reasons = "; ".join(f"{file}: {why}" for file, why in result.failures.items())
+        raise click.ClickException(f"parity gate failed, left out of the bundle: {reasons}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=Path("runs/latest"),
+              show_default=True, help="The run the bundle came from (for the PyTorch eager row).")
+@click.option("--runs", type=click.IntRange(min=50), default=100, show_default=True,
+              help="Timed runs per runner and thread count, after warm-up.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where bench.md and bench.png go.  [default: the bundle folder]")
+@friendly_errors
+def bench(bundle: Path, checkpoint: Path, runs: int, out_dir: Path | None) -> None:
+    """Latency (batch 1; one thread and all threads; median and p90), size and val top-1 of PyTorch
+    eager and of every artefact in its runtime, as a markdown table with ratios to eager + a plot."""
+    from pipeline import bench as bench_mod
+    from pipeline.train import load_checkpoint
+
+    model, _ = load_checkpoint(checkpoint)
+    ckpt = checkpoint / "checkpoint.pt" if checkpoint.is_dir() else checkpoint
+    rows = bench_mod.run_bench(bundle, model, ckpt.stat().st_size, runs=runs)
+    path = bench_mod.write_bench(rows, out_dir or bundle, runs)
+    click.echo(path.read_text())
+    click.echo(f"wrote {path} and {path.with_suffix('.png')}")
 
 
 def _env_path(var: str, option: str) -> Path:

@@ -18,6 +18,7 @@ import timm
 import torch
 from torch import nn
 
+from edge.bundle import sha256_file
 from pipeline.manifest import InputSpec, ModelInfo, Preprocess
 
 WEIGHTS_DIR_ENV = "TRASHSORT_WEIGHTS_DIR"
@@ -49,14 +50,6 @@ def resolve_arch(name: str) -> tuple[str, str | None]:
     raise WeightsError(
         f"unknown model {name!r}: use a preset ({', '.join(PRESETS)}) or a timm model name"
     )
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def find_local_weights(arch: str, weights_dir: str | Path | None = None) -> Path | None:

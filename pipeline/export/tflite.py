@@ -8,8 +8,9 @@
   contract's [0, 255], so the input is int8 with scale 1 and zero point -128: a device feeds
   ``pixel - 128`` and no float op is left in the graph.
 
-Tensor names are cut to their last path component (plus the tensor index, to stay unique): litert-torch writes each tensor's full module
-path (about 90 KB of strings in MobileNetV3-Small), which is debug text, not model.
+Tensor names are cut to their last path component (plus the tensor index, to stay unique):
+litert-torch writes each tensor's full module path (about 90 KB of strings in MobileNetV3-Small),
+which is debug text, not model.
 """
 
 from __future__ import annotations

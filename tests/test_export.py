@@ -1,0 +1,219 @@
+"""Export: every driver on a small trained model, run in its real runtime; the parity gate failing;
+hashes; interrupted exports; the input contract each artefact declares.
+
+One tiny model (resnet10t, 32 px, trained for a few seconds on generated photos) is exported once
+for the module; MobileNetV3's own INT8 TFLite is checked for the full-integer property.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edge.bundle import BundleInvalid, verify
+from pipeline import bundle as bundle_mod
+from pipeline import data as data_mod
+from pipeline import train as train_mod
+from pipeline.cli import main
+from pipeline.export import ARTEFACTS, driver, select
+from pipeline.export import tflite as tflite_driver
+from pipeline.validate import Thresholds, gate, parity, softmax
+from tests.conftest import write_dataset
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory):
+    """A trained tiny run and its full bundle (all six artefacts)."""
+    root = tmp_path_factory.mktemp("export")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRASHSORT_CACHE", str(root / "cache"))
+        data = write_dataset(root / "data", per_class=24)
+        cfg = train_mod.TrainConfig(data=str(data), model="resnet10t", pretrained=False, size=32, epochs=4,
+                                    batch_size=8, lr=3e-3, warmup_epochs=0.5, ema_decay=0, threads=2,
+                                    out_dir=str(root / "runs"), run_name="tiny")
+        run = train_mod.train(cfg, progress=False)
+        result = bundle_mod.export_run(run.run_dir, calibration_count=24, golden_count=6,
+                                       out_dir=root / "dist", progress=False)
+        yield {"root": root, "run": run, "result": result, "cache": root / "cache"}
+
+
+@pytest.fixture
+def run_cache(exported, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRASHSORT_CACHE", str(exported["cache"]))
+
+
+def val_inputs(exported) -> tuple[np.ndarray, np.ndarray]:
+    manifest = exported["result"].manifest
+    folder = data_mod.scan_folder(exported["root"] / "data")
+    data = bundle_mod.load_export_data(folder, manifest.preprocess, 8, 3)
+    return data.val_images, data.val_labels
+
+
+def test_bundle_holds_every_artefact_and_matches_its_manifest(exported) -> None:
+    result = exported["result"]
+    assert result.failures == {}
+    bundle = result.path
+    assert bundle.name == "data-resnet10t-v1"
+    manifest = verify(bundle)  # every sha256 and size matches
+    assert [a["file"] for a in manifest["artefacts"]] == [a.file for a in ARTEFACTS]
+    for entry in manifest["artefacts"]:
+        assert (bundle / entry["file"]).stat().st_size == entry["bytes"]
+        assert entry["val"]["count"] == len(exported["run"].metrics["per_class"]) * 4  # 4 val photos a class
+    assert (bundle / "labels.txt").read_text().split() == [c["name"] for c in manifest["classes"]]
+    golden = json.loads((bundle / "golden" / "expected.json").read_text())
+    assert len(golden["images"]) == 6
+    assert set(golden["artefacts"]) == {a.file for a in ARTEFACTS}
+    assert all((bundle / "golden" / g["file"]).is_file() for g in golden["images"])
+    report = (bundle / "report.md").read_text()
+    assert all(a.file in report for a in ARTEFACTS)
+    assert not list(bundle.parent.glob(".*")), "no staging folder left behind"
+
+
+def test_every_artefact_agrees_with_pytorch_in_its_runtime(exported, run_cache) -> None:
+    result = exported["result"]
+    model, _ = train_mod.load_checkpoint(exported["run"].run_dir)
+    images, labels = val_inputs(exported)
+    from pipeline.evaluate import predict_probs
+
+    reference = predict_probs(model, images)
+    assert len(set(reference.argmax(1))) > 1, "the model must tell classes apart for agreement to mean anything"
+    for entry in result.manifest.artefacts:
+        logits = driver(entry["format"]).Runner(result.path / entry["file"])(images)
+        agreement = float((logits.argmax(1) == reference.argmax(1)).mean())
+        if entry["precision"] == "fp32":
+            assert agreement == 1.0, entry["file"]
+            np.testing.assert_allclose(softmax(logits), reference, atol=1e-4)
+        else:
+            assert agreement >= 0.75, entry["file"]
+
+
+def test_declared_inputs_match_the_manifest_contract(exported) -> None:
+    manifest = exported["result"].manifest
+    h, w = manifest.preprocess.size
+    for entry in manifest.artefacts:
+        assert bundle_mod.input_contract_problems(entry, manifest) == [], entry["file"]
+        (inp,), (out,) = entry["inputs"], entry["outputs"]
+        assert [int(s) for s in inp["shape"]] == [1, h, w, 3]
+        assert [int(s) for s in out["shape"]] == [1, manifest.num_classes]
+    int8_tflite = next(a for a in manifest.artefacts if a["file"] == "model_int8.tflite")
+    assert int8_tflite["inputs"][0]["dtype"] == "int8"
+    assert int8_tflite["inputs"][0]["quantization"] == {"scale": 1.0, "zero_point": -128}
+    # And the check itself catches what does not fit.
+    wrong = {"inputs": [{"shape": [1, 3, h, w], "dtype": "float32", "quantization": None}],
+             "outputs": [{"shape": [1, manifest.num_classes + 1]}]}
+    problems = bundle_mod.input_contract_problems(wrong, manifest)
+    assert len(problems) == 3 and "input shape" in problems[0] and "one per class" in problems[2]
+
+
+def test_mobilenetv3_int8_tflite_is_full_integer(tiny_data: Path) -> None:
+    from pipeline.model import ContractModel, create_model, preprocess_for
+
+    model, _ = create_model("mobilenetv3_small", 3, pretrained=False)
+    pre = preprocess_for(model, size=32)
+    folder = data_mod.scan_folder(tiny_data)
+    decoded = data_mod.decode_split(folder.split("train"), pre.resize_shorter_to)
+    calibration = np.ascontiguousarray(data_mod.center_crops(decoded.images, 32))
+    flatbuffer = tflite_driver.export(ContractModel(model.eval(), pre), "int8", calibration)
+    assert "float32" not in tflite_driver.tensor_types(flatbuffer)
+    assert tflite_driver.tensor_types(flatbuffer) <= {"int8", "int32"}
+
+
+def test_gate_rules() -> None:
+    t = Thresholds(fp32_min_agreement=0.995, int8_max_top1_drop=0.015)
+    assert gate({"agreement": 1.0, "top1": 0.9}, 0.9, "fp32", t) is None
+    assert "below the 99.50% required" in gate({"agreement": 0.99, "top1": 0.9}, 0.9, "fp32", t)
+    assert gate({"agreement": 0.9, "top1": 0.89}, 0.9, "int8", t) is None
+    assert "2.00 pp below" in gate({"agreement": 0.9, "top1": 0.88}, 0.9, "int8", t)
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    result = parity(probs, np.array([[0.8, 0.2], [0.3, 0.7], [0.4, 0.6]]), np.array([0, 1, 1]), ["a", "b"])
+    assert result["agreement"] == pytest.approx(2 / 3) and result["top1"] == pytest.approx(2 / 3)
+    assert result["max_prob_diff"] == pytest.approx(0.2)
+
+
+def damage_onnx(payload: bytes) -> bytes:
+    """Shuffle every weight tensor: the model still loads and runs, but answers differently."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_from_string(payload)
+    rng = np.random.default_rng(0)
+    for tensor in model.graph.initializer:
+        if len(tensor.dims) >= 2:
+            weights = numpy_helper.to_array(tensor)
+            scrambled = rng.permutation(weights.ravel()).reshape(weights.shape)
+            tensor.CopyFrom(numpy_helper.from_array(scrambled, tensor.name))
+    return model.SerializeToString()
+
+
+def test_gate_leaves_out_a_damaged_artefact_and_exits_nonzero(exported, run_cache, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    onnx_driver = driver("onnx")
+    real_export = onnx_driver.export
+
+    def damaged_fp32(model, precision, calibration):
+        payload = real_export(model, precision, calibration)
+        return damage_onnx(payload) if precision == "fp32" else payload
+
+    monkeypatch.setattr(onnx_driver, "export", damaged_fp32)
+    result = CliRunner().invoke(main, ["export", str(exported["run"].run_dir), "--formats", "onnx",
+                                       "--out", str(tmp_path / "dist"), "--calibration", "24",
+                                       "--golden", "3", "--quiet"])
+    assert result.exit_code == 1
+    assert "parity gate failed" in result.output and "model_fp32.onnx" in result.output
+    assert "Traceback" not in result.output
+    bundle = tmp_path / "dist" / "data-resnet10t-v1"
+    manifest = verify(bundle)
+    assert [a["file"] for a in manifest["artefacts"]] == ["model_int8.onnx"]
+    assert not (bundle / "model_fp32.onnx").exists()
+
+
+def test_tampered_artefact_is_detected(exported, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(exported["result"].path, bundle)
+    verify(bundle)
+    path = bundle / "model_int8.tflite"
+    payload = bytearray(path.read_bytes())
+    payload[len(payload) // 2] ^= 0xFF
+    path.write_bytes(bytes(payload))
+    with pytest.raises(BundleInvalid, match="model_int8.tflite: sha256 differs"):
+        verify(bundle)
+    (bundle / "model_fp32.pte").unlink()
+    with pytest.raises(BundleInvalid, match="model_fp32.pte: missing"):
+        verify(bundle)
+
+
+def test_interrupted_export_leaves_no_bundle(exported, run_cache, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(model, precision, calibration):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(driver("onnx"), "export", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bundle_mod.export_run(exported["run"].run_dir, calibration_count=8, golden_count=3,
+                              out_dir=tmp_path / "dist", artefacts=select("executorch-fp32,onnx"),
+                              progress=False)
+    assert list((tmp_path / "dist").iterdir()) == []
+
+
+def test_existing_bundle_is_kept_unless_forced(exported, run_cache, tmp_path: Path) -> None:
+    out = tmp_path / "dist"
+    options = dict(calibration_count=8, golden_count=3, out_dir=out, artefacts=select("onnx-fp32"),
+                   progress=False)
+    first = bundle_mod.export_run(exported["run"].run_dir, **options)
+    with pytest.raises(bundle_mod.BundleError, match="already exists.*--force"):
+        bundle_mod.export_run(exported["run"].run_dir, **options)
+    again = bundle_mod.export_run(exported["run"].run_dir, force=True, **options)
+    assert again.path == first.path and verify(again.path)
+    assert [p.name for p in out.iterdir()] == [first.path.name]
+
+
+def test_select_artefacts() -> None:
+    assert [a.file for a in select("tflite")] == ["model_fp32.tflite", "model_int8.tflite"]
+    assert [a.file for a in select("onnx-int8,executorch-fp32")] == ["model_fp32.pte", "model_int8.onnx"]
+    with pytest.raises(ValueError, match="unknown artefact"):
+        select("coreml")
