@@ -161,6 +161,7 @@ def write_bytes_atomic(path: str | Path, payload: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; bundles and runs are meant to be read by others
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
