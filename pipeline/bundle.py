@@ -17,7 +17,6 @@ interrupted export never leaves a half bundle under the final name.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import statistics
@@ -266,11 +265,10 @@ def export_run(checkpoint: str | Path, data: str | Path | None = None, calibrati
                golden_count: int = 24, **bundle_options: Any) -> BundleResult:
     """Export a training run (its folder or checkpoint.pt), with its own data split unless ``data``."""
     from pipeline.manifest import check_classes_match
-    from pipeline.train import TrainConfig, load_checkpoint
+    from pipeline.train import load_checkpoint, load_run_config
 
     model, manifest = load_checkpoint(checkpoint)
-    run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
-    cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    _, cfg = load_run_config(checkpoint)
     folder = data_mod.scan_folder(data or cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
     check_classes_match(manifest, folder.classes, str(folder.root))
     export_data = load_export_data(folder, manifest.preprocess, calibration_count, golden_count, cfg.seed)

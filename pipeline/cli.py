@@ -116,7 +116,7 @@ def evaluate(checkpoint: Path, data: Path | None, split: str, out_dir: Path | No
     from pipeline import data as data_mod
     from pipeline.evaluate import compute_metrics, format_summary, predict_probs, write_report
     from pipeline.manifest import check_classes_match
-    from pipeline.train import TrainConfig, load_checkpoint
+    from pipeline.train import load_checkpoint, load_run_config
 
     model, manifest = load_checkpoint(checkpoint)
     run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
@@ -124,7 +124,7 @@ def evaluate(checkpoint: Path, data: Path | None, split: str, out_dir: Path | No
         folder = data_mod.scan_folder(data, all_split="test")
         samples, label = folder.samples, data.name
     else:
-        cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        _, cfg = load_run_config(run_dir)
         folder = data_mod.scan_folder(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
         samples, label = folder.split(split), split
         if not samples:

@@ -108,11 +108,17 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
 
 def resume(run_dir: str | Path, progress: bool = True) -> RunResult:
     """Continue an interrupted run from its last completed epoch."""
-    run_dir = Path(run_dir)
+    run_dir, cfg = load_run_config(run_dir)
+    return _run(cfg, run_dir, progress)
+
+
+def load_run_config(checkpoint: str | Path) -> tuple[Path, TrainConfig]:
+    """A run's folder and training config, from the folder or its checkpoint.pt."""
+    path = Path(checkpoint)
+    run_dir = path if path.is_dir() else path.parent
     if not (run_dir / "config.json").is_file():
         raise FileNotFoundError(f"{run_dir}: not a run folder (no config.json)")
-    cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-    return _run(cfg, run_dir, progress)
+    return run_dir, TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
