@@ -29,8 +29,10 @@ def read_manifest(bundle: str | Path) -> dict[str, Any]:
     path = Path(bundle) / "manifest.json"
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise BundleInvalid(f"{path}: no manifest (is {bundle} a bundle folder?)") from None
+    except OSError as e:
+        raise BundleInvalid(f"{path}: cannot read the manifest ({e.strerror})") from None
     except json.JSONDecodeError as e:
         raise BundleInvalid(f"{path}: not valid JSON ({e})") from None
 
@@ -56,3 +58,23 @@ def verify(bundle: str | Path) -> dict[str, Any]:
     if problems:
         raise BundleInvalid("; ".join(problems))
     return manifest
+
+
+def input_contract_problems(io: dict[str, Any], size: list[int], num_classes: int) -> list[str]:
+    """Where an artefact's input/output tensors differ from the contract: one uint8 RGB NHWC photo of
+    ``size`` in (or int8 holding ``pixel - 128``, a full-integer model's), one score per class out."""
+    height, width = size
+    problems = []
+    if len(io["inputs"]) != 1 or len(io["outputs"]) != 1:
+        return [f"{len(io['inputs'])} inputs and {len(io['outputs'])} outputs, the contract has one of each"]
+    (inp,), (out,) = io["inputs"], io["outputs"]
+    if [int(s) for s in inp["shape"]] != [1, height, width, 3]:
+        problems.append(f"input shape {inp['shape']} is not [1, {height}, {width}, 3]")
+    quant = inp.get("quantization")
+    raw_bytes = inp["dtype"] == "uint8" or (
+        inp["dtype"] == "int8" and quant == {"scale": 1.0, "zero_point": -128})
+    if not raw_bytes:
+        problems.append(f"input {inp['dtype']} {quant} does not take the contract's uint8 pixels")
+    if [int(s) for s in out["shape"]] != [1, num_classes]:
+        problems.append(f"output shape {out['shape']} is not [1, {num_classes}] (one score per class)")
+    return problems

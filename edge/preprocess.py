@@ -84,9 +84,34 @@ def center_crop(img: Image.Image, height: int, width: int) -> Image.Image:
     w, h = img.size
     if w < width or h < height:
         raise ValueError(f"image {w}x{h} is smaller than the crop {width}x{height}")
-    top = int(round((h - height) / 2.0))
-    left = int(round((w - width) / 2.0))
+    left, top = _centered(w, width), _centered(h, height)
     return img.crop((left, top, left + width, top + height))
+
+
+def _centered(length: int, crop: int) -> int:
+    return int(round((length - crop) / 2.0))
+
+
+def square_for_crop(img: Image.Image, side: int, crop: int) -> Image.Image:
+    """The ``side`` square of an already resized image whose own center ``crop`` is exactly the
+    contract's center crop of the image. (A plain center square can be a pixel off: the two
+    roundings of a crop of a crop do not always add up.) Training caches these squares."""
+    w, h = img.size
+    inset = _centered(side, crop)
+    left = min(max(_centered(w, crop) - inset, 0), w - side)
+    top = min(max(_centered(h, crop) - inset, 0), h - side)
+    return img.crop((left, top, left + side, top + side))
+
+
+def shorter_side(size: list[int] | tuple[int, int], crop_pct: float) -> int:
+    """The resize target for a crop of ``size`` keeping ``crop_pct`` of the shorter side (timm's rule)."""
+    return round(max(size) / crop_pct)
+
+
+def model_input(img: Image.Image, preprocess: dict) -> np.ndarray:
+    """A photo to the model's uint8 HxWx3 input, following a manifest's ``preprocess`` section."""
+    size = preprocess["size"]
+    return resize_and_crop(img, size, shorter_side(size, preprocess["crop_pct"]), preprocess["interpolation"])
 
 
 def resize_and_crop(

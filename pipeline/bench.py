@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from edge.bundle import verify
-from pipeline.bundle import measure_latency
+from edge.runtimes import measure_latency
 from pipeline.export import driver
 from pipeline.manifest import write_bytes_atomic
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +28,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from edge.bundle import sha256_file, verify
+from edge.bundle import input_contract_problems, sha256_file, verify
+from edge.runtimes import measure_latency, softmax
 from pipeline import data as data_mod
 from pipeline.evaluate import predict_probs
 from pipeline.export import ARTEFACTS, ArtefactSpec, driver
 from pipeline.manifest import Manifest, Preprocess, write_bytes_atomic, write_json_atomic
-from pipeline.validate import Thresholds, gate, parity, softmax
+from pipeline.validate import Thresholds, gate, parity
 
 # How closely a device must reproduce the golden probabilities recorded here (other CPUs, other
 # kernels: fp32 differs in the last bits, INT8 by a rounding step here and there).
@@ -80,8 +80,9 @@ def load_export_data(folder: data_mod.ImageFolder, preprocess: Preprocess, calib
                      golden_count: int = 24, seed: int = 0) -> ExportData:
     """Decode (through the cache) val and train; pick calibration and golden photos, stratified."""
     side, size = preprocess.resize_shorter_to, preprocess.size[0]
-    val = data_mod.decode_split(folder.split("val"), side, preprocess.interpolation, desc="decode val")
-    train = data_mod.decode_split(folder.split("train"), side, preprocess.interpolation, desc="decode train")
+    val = data_mod.decode_split(folder.split("val"), side, preprocess.interpolation, size, desc="decode val")
+    train = data_mod.decode_split(folder.split("train"), side, preprocess.interpolation, size,
+                                  desc="decode train")
     if len(val.labels) == 0 or len(train.labels) == 0:
         raise BundleError(f"{folder.root}: export needs readable train (calibration) and val (gate) photos")
     calib = stratified_pick(train.labels, calibration_count, seed)
@@ -91,36 +92,6 @@ def load_export_data(folder: data_mod.ImageFolder, preprocess: Preprocess, calib
         calibration=np.ascontiguousarray(data_mod.center_crops(train.images[calib], size)),
         golden_squares=val.images[golden], golden_labels=val.labels[golden],
     )
-
-
-def input_contract_problems(io: dict[str, Any], manifest: Manifest) -> list[str]:
-    """Where an artefact's declared input/output tensors differ from the manifest's contract."""
-    height, width = manifest.preprocess.size
-    problems = []
-    (inp,), (out,) = io["inputs"], io["outputs"]
-    if [int(s) for s in inp["shape"]] != [1, height, width, 3]:
-        problems.append(f"input shape {inp['shape']} is not [1, {height}, {width}, 3]")
-    quant = inp.get("quantization")
-    raw_bytes = inp["dtype"] == "uint8" or (
-        inp["dtype"] == "int8" and quant == {"scale": 1.0, "zero_point": -128})
-    if not raw_bytes:
-        problems.append(f"input {inp['dtype']} {quant} does not take the contract's uint8 pixels")
-    if [int(s) for s in out["shape"]] != [1, manifest.num_classes]:
-        problems.append(f"output shape {out['shape']} is not [1, {manifest.num_classes}] (one per class)")
-    return problems
-
-
-def measure_latency(runner: Any, image: np.ndarray, warmup: int = 5, runs: int = 30) -> dict[str, float]:
-    """Batch-1 latency in ms: median and p90 over ``runs`` after ``warmup``."""
-    batch = image[None]
-    for _ in range(warmup):
-        runner(batch)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        runner(batch)
-        times.append((time.perf_counter() - t0) * 1000)
-    return {"median_ms": statistics.median(times), "p90_ms": float(np.percentile(times, 90)), "runs": runs}
 
 
 def build_bundle(
@@ -169,7 +140,7 @@ def _build(model: Any, manifest: Manifest, data: ExportData, staging: Path, arte
         export_s = time.perf_counter() - t0
         runner = driver(spec.format).Runner(path, threads=1)
         io = runner.io
-        problems = input_contract_problems(io, manifest)
+        problems = input_contract_problems(io, manifest.preprocess.size, manifest.num_classes)
         probs = softmax(runner(data.val_images))
         result = parity(probs, reference, data.val_labels, classes)
         reason = "; ".join(problems) or gate(result, reference_top1, spec.precision, thresholds)

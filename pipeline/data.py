@@ -30,13 +30,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from edge.preprocess import ImageDecodeError, center_crop, load_rgb, resize_shorter
+from edge.preprocess import ImageDecodeError, load_rgb, resize_shorter, square_for_crop
 from pipeline.manifest import write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-CACHE_FORMAT = 1  # bump when the cached pixels would change for the same inputs
+CACHE_FORMAT = 2  # bump when the cached pixels would change for the same inputs
 HUB_DATASET = "garythung/trashnet"
 
 
@@ -178,15 +178,19 @@ def default_cache_dir() -> Path:
 
 
 def decode_split(
-    samples: Sequence[Sample], side: int, interpolation: str = "bilinear",
+    samples: Sequence[Sample], side: int, interpolation: str = "bilinear", crop: int | None = None,
     cache_dir: Path | None = None, desc: str = "decode", workers: int | None = None,
 ) -> DecodedSplit:
     """Decode photos once into ``side x side`` squares; reuse the on-disk cache when it matches.
 
+    The square is placed so that its center ``crop`` is the contract's center crop of the photo
+    (``center_crops`` then gives the edge runner's input tensor byte for byte).
+
     Unreadable files are skipped with a warning naming each one; they never reach training.
     """
     cache_dir = cache_dir or default_cache_dir()
-    key = _cache_key(samples, side, interpolation)
+    crop = crop or side
+    key = _cache_key(samples, side, interpolation, crop)
     array_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
     if array_path.is_file() and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
@@ -196,7 +200,7 @@ def decode_split(
     def decode(sample: Sample) -> np.ndarray | str:
         try:
             img = resize_shorter(load_rgb(sample.path), side, interpolation)
-            return np.asarray(center_crop(img, side, side), dtype=np.uint8)
+            return np.asarray(square_for_crop(img, side, crop), dtype=np.uint8)
         except ImageDecodeError as e:
             return str(e)
 
@@ -218,8 +222,8 @@ def decode_split(
     return decoded
 
 
-def _cache_key(samples: Sequence[Sample], side: int, interpolation: str) -> str:
-    h = hashlib.sha256(f"v{CACHE_FORMAT}|{side}|{interpolation}".encode())
+def _cache_key(samples: Sequence[Sample], side: int, interpolation: str, crop: int) -> str:
+    h = hashlib.sha256(f"v{CACHE_FORMAT}|{side}|{interpolation}|{crop}".encode())
     for s in samples:
         st = s.path.stat()
         h.update(f"|{s.path.resolve()}|{s.label}|{st.st_size}|{st.st_mtime_ns}".encode())

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge.preprocess import shorter_side
+
 SCHEMA = "trashsort.manifest/1"
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 LAYOUTS = ("NHWC", "NCHW")
@@ -54,7 +56,7 @@ class Preprocess:
 
     @property
     def resize_shorter_to(self) -> int:
-        return round(max(self.size) / self.crop_pct)
+        return shorter_side(self.size, self.crop_pct)
 
 
 @dataclass

@@ -137,7 +137,7 @@ def _run(cfg: TrainConfig, run_dir: Path, progress: bool) -> RunResult:
                                      weights=cfg.weights, drop_rate=cfg.drop_rate)
     preprocess = preprocess_for(model, cfg.size)
     size, side = preprocess.size[0], preprocess.resize_shorter_to
-    decoded = {split: data_mod.decode_split(folder.split(split), side, preprocess.interpolation,
+    decoded = {split: data_mod.decode_split(folder.split(split), side, preprocess.interpolation, size,
                                             desc=f"decode {split}")
                for split in ("train", "val")}
     train_set, val_set = decoded["train"], decoded["val"]

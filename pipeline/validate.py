@@ -21,12 +21,6 @@ class Thresholds:
     int8_max_top1_drop: float = 0.015  # val top-1 below PyTorch's, as a fraction (1.5 pp)
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def parity(probs: np.ndarray, reference: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
     """An artefact's val metrics and how closely it follows the reference (PyTorch) probabilities."""
     metrics = compute_metrics(labels, probs, classes)

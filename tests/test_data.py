@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge.preprocess import ImageDecodeError, load_rgb, resize_and_crop
+from edge.preprocess import (
+    ImageDecodeError,
+    load_rgb,
+    resize_and_crop,
+    resize_shorter,
+    shorter_side,
+    square_for_crop,
+)
 from pipeline import data
 from tests.conftest import make_photo, write_dataset
 
@@ -134,15 +141,19 @@ def test_exif_orientation_applied(tmp_path: Path) -> None:
     assert top[2] > 200 and top[0] < 60  # the blue half is now on top
 
 
-def test_resize_and_crop_contract() -> None:
-    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (384, 512, 3), dtype=np.uint8))
-    out = resize_and_crop(img, (224, 224), 256)
-    assert out.shape == (224, 224, 3) and out.dtype == np.uint8
-    # The cache stores the 256x256 center square; its center crop must be the same pixels.
-    from edge.preprocess import center_crop, resize_shorter
-
-    square = np.asarray(center_crop(resize_shorter(img, 256), 256, 256))
-    assert np.array_equal(data.center_crops(square[None], 224)[0], out)
+def test_cached_square_crops_to_the_contract_for_any_shape() -> None:
+    """The cache's square, center-cropped, is the edge runner's direct crop for every photo shape and
+    crop size (a plain center square is a pixel off for some: two roundings)."""
+    rng = np.random.default_rng(0)
+    for crop in (224, 32, 33):
+        side = shorter_side([crop, crop], 0.875)
+        for w, h in [(512, 384), (384, 512), (300, 300), (1000, 250), (47, 46), (46, 47), (61, 40), (40, 63)]:
+            img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+            direct = resize_and_crop(img, (crop, crop), side)
+            assert direct.shape == (crop, crop, 3) and direct.dtype == np.uint8
+            square = np.asarray(square_for_crop(resize_shorter(img, side), side, crop))
+            assert square.shape == (side, side, 3)
+            assert np.array_equal(data.center_crops(square[None], crop)[0], direct), (crop, w, h)
 
 
 def test_cache_is_reused_and_invalidated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

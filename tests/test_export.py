@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edge.bundle import BundleInvalid, verify
+from edge.bundle import BundleInvalid, input_contract_problems, verify
+from edge.runtimes import softmax
 from pipeline import bundle as bundle_mod
 from pipeline import data as data_mod
 from pipeline import train as train_mod
 from pipeline.cli import main
 from pipeline.export import ARTEFACTS, driver, select
 from pipeline.export import tflite as tflite_driver
-from pipeline.validate import Thresholds, gate, parity, softmax
+from pipeline.validate import Thresholds, gate, parity
 from tests.conftest import write_dataset
 
 
@@ -96,7 +97,7 @@ def test_declared_inputs_match_the_manifest_contract(exported) -> None:
     manifest = exported["result"].manifest
     h, w = manifest.preprocess.size
     for entry in manifest.artefacts:
-        assert bundle_mod.input_contract_problems(entry, manifest) == [], entry["file"]
+        assert input_contract_problems(entry, manifest.preprocess.size, manifest.num_classes) == [], entry["file"]
         (inp,), (out,) = entry["inputs"], entry["outputs"]
         assert [int(s) for s in inp["shape"]] == [1, h, w, 3]
         assert [int(s) for s in out["shape"]] == [1, manifest.num_classes]
@@ -106,8 +107,8 @@ def test_declared_inputs_match_the_manifest_contract(exported) -> None:
     # And the check itself catches what does not fit.
     wrong = {"inputs": [{"shape": [1, 3, h, w], "dtype": "float32", "quantization": None}],
              "outputs": [{"shape": [1, manifest.num_classes + 1]}]}
-    problems = bundle_mod.input_contract_problems(wrong, manifest)
-    assert len(problems) == 3 and "input shape" in problems[0] and "one per class" in problems[2]
+    problems = input_contract_problems(wrong, manifest.preprocess.size, manifest.num_classes)
+    assert len(problems) == 3 and "input shape" in problems[0] and "one score per class" in problems[2]
 
 
 def test_mobilenetv3_int8_tflite_is_full_integer(tiny_data: Path) -> None:
@@ -116,7 +117,7 @@ def test_mobilenetv3_int8_tflite_is_full_integer(tiny_data: Path) -> None:
     model, _ = create_model("mobilenetv3_small", 3, pretrained=False)
     pre = preprocess_for(model, size=32)
     folder = data_mod.scan_folder(tiny_data)
-    decoded = data_mod.decode_split(folder.split("train"), pre.resize_shorter_to)
+    decoded = data_mod.decode_split(folder.split("train"), pre.resize_shorter_to, crop=32)
     calibration = np.ascontiguousarray(data_mod.center_crops(decoded.images, 32))
     flatbuffer = tflite_driver.export(ContractModel(model.eval(), pre), "int8", calibration)
     assert "float32" not in tflite_driver.tensor_types(flatbuffer)

@@ -6,13 +6,11 @@ on real preprocessed training photos, never random tensors.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import numpy as np
 import torch
 from torch import nn
 
+from edge.runtimes import ExecuTorchRunner as Runner  # noqa: F401  (the driver interface)
 from pipeline.export import check_precision
 
 
@@ -48,37 +46,3 @@ def _lower(exported: torch.export.ExportedProgram) -> bytes:
 
     program = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
     return program.to_executorch().buffer
-
-
-class Runner:
-    """Runs a ``.pte`` in the ExecuTorch runtime: uint8 NHWC batch -> logits."""
-
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        from executorch.extension.pybindings import portable_lib
-        from executorch.runtime import Runtime
-
-        if threads:  # XNNPACK's shared threadpool; the runtime offers no per-method setting
-            portable_lib._unsafe_reset_threadpool(threads)
-        self.program = Runtime.get().load_program(Path(path))
-        self.method = self.program.load_method("forward")
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        out = [self.method.execute([torch.from_numpy(np.array(img[None]))])[0].numpy()
-               for img in images]
-        return np.concatenate(out).astype(np.float32)
-
-    @property
-    def io(self) -> dict[str, list[dict[str, Any]]]:
-        meta = self.method.metadata
-        return {
-            "inputs": [_tensor_info(f"input_{i}", meta.input_tensor_meta(i)) for i in range(meta.num_inputs())],
-            "outputs": [_tensor_info(f"output_{i}", meta.output_tensor_meta(i))
-                        for i in range(meta.num_outputs())],
-        }
-
-
-def _tensor_info(name: str, info: Any) -> dict[str, Any]:
-    # ExecuTorch's ScalarType codes for the dtypes an artefact can take or give.
-    dtypes = {0: "uint8", 1: "int8", 3: "int32", 4: "int64", 6: "float32"}
-    return {"name": name, "shape": list(info.sizes()), "dtype": dtypes.get(int(info.dtype()), str(info.dtype())),
-            "quantization": None}

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from edge.runtimes import OnnxRunner as Runner  # noqa: F401  (the driver interface)
 from pipeline.export import check_precision
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
@@ -54,38 +54,3 @@ def _quantize_int8(float_path: Path, calibration: np.ndarray, tmp: Path) -> Path
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     per_channel=True, calibrate_method=CalibrationMethod.MinMax)
     return out
-
-
-def providers() -> list[str]:
-    """TensorRT, then CUDA, then CPU: whichever this onnxruntime build offers."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    order = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    return [p for p in order if p in available]
-
-
-class Runner:
-    """Runs an ``.onnx`` in onnxruntime: uint8 NHWC batch -> logits."""
-
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=providers())
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        out = [self.session.run(None, {INPUT_NAME: np.array(img[None])})[0] for img in images]
-        return np.concatenate(out).astype(np.float32)
-
-    @property
-    def io(self) -> dict[str, list[dict[str, Any]]]:
-        def info(arg: Any) -> dict[str, Any]:
-            dtype = arg.type.removeprefix("tensor(").removesuffix(")")  # "tensor(float)" -> "float"
-            dtype = {"float": "float32", "double": "float64"}.get(dtype, dtype)
-            return {"name": arg.name, "shape": list(arg.shape), "dtype": dtype, "quantization": None}
-
-        return {"inputs": [info(a) for a in self.session.get_inputs()],
-                "outputs": [info(a) for a in self.session.get_outputs()]}

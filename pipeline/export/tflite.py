@@ -16,13 +16,12 @@ which is debug text, not model.
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from edge.runtimes import TFLiteRunner as Runner  # noqa: F401  (the driver interface)
 from pipeline.export import check_precision
 
 INPUT_RANGE = (0.0, 255.0)
@@ -87,46 +86,3 @@ def tensor_types(model: bytes) -> set[str]:
     """The dtypes of every tensor in a ``.tflite`` (full-integer: no float32 among them)."""
     interpreter = _interpreter(model)
     return {np.dtype(t["dtype"]).name for t in interpreter.get_tensor_details()}
-
-
-class Runner:
-    """Runs a ``.tflite`` in the LiteRT interpreter: uint8 NHWC batch -> float logits."""
-
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        self.interpreter = _interpreter(Path(path).read_bytes(), threads)
-        self.interpreter.allocate_tensors()
-        self.input = self.interpreter.get_input_details()[0]
-        self.output = self.interpreter.get_output_details()[0]
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        out = []
-        for img in images:
-            self.interpreter.set_tensor(self.input["index"], quantize(img[None], self.input))
-            self.interpreter.invoke()
-            out.append(dequantize(self.interpreter.get_tensor(self.output["index"]), self.output))
-        return np.concatenate(out).astype(np.float32)
-
-    @property
-    def io(self) -> dict[str, list[dict[str, Any]]]:
-        return {"inputs": [_tensor_info(self.input)], "outputs": [_tensor_info(self.output)]}
-
-
-def _tensor_info(detail: dict[str, Any]) -> dict[str, Any]:
-    scale, zero = detail["quantization"]
-    return {"name": detail["name"], "shape": [int(s) for s in detail["shape"]],
-            "dtype": np.dtype(detail["dtype"]).name,
-            "quantization": {"scale": float(scale), "zero_point": int(zero)} if scale else None}
-
-
-def quantize(x: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
-    """uint8 pixels into the input tensor's dtype and quantization (identity for uint8 inputs)."""
-    scale, zero = detail["quantization"]
-    if scale and detail["dtype"] != x.dtype:
-        info = np.iinfo(detail["dtype"])
-        return np.clip(np.round(x / scale + zero), info.min, info.max).astype(detail["dtype"])
-    return x.astype(detail["dtype"])
-
-
-def dequantize(x: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
-    scale, zero = detail["quantization"]
-    return (x.astype(np.float32) - zero) * scale if scale else x.astype(np.float32)
