@@ -60,3 +60,22 @@ def imagenet_like_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "tf_mobilenetv3_small_100.in1k-test.pth"
     torch.save(model.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory):
+    """A trained tiny run (resnet10t, 32 px, a few seconds) and its full bundle (all six artefacts),
+    shared by the export, edge and head tests."""
+    from pipeline import bundle, train
+
+    root = tmp_path_factory.mktemp("export")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRASHSORT_CACHE", str(root / "cache"))
+        data = write_dataset(root / "data", per_class=24)
+        cfg = train.TrainConfig(data=str(data), model="resnet10t", pretrained=False, size=32, epochs=4,
+                                batch_size=8, lr=3e-3, warmup_epochs=0.5, ema_decay=0, threads=2,
+                                out_dir=str(root / "runs"), run_name="tiny")
+        run = train.train(cfg, progress=False)
+        result = bundle.export_run(run.run_dir, calibration_count=24, golden_count=6,
+                                   out_dir=root / "dist", progress=False)
+        yield {"root": root, "run": run, "result": result, "cache": root / "cache"}

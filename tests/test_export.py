@@ -24,23 +24,6 @@ from pipeline.cli import main
 from pipeline.export import ARTEFACTS, driver, select
 from pipeline.export import tflite as tflite_driver
 from pipeline.validate import Thresholds, gate, parity
-from tests.conftest import write_dataset
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory):
-    """A trained tiny run and its full bundle (all six artefacts)."""
-    root = tmp_path_factory.mktemp("export")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRASHSORT_CACHE", str(root / "cache"))
-        data = write_dataset(root / "data", per_class=24)
-        cfg = train_mod.TrainConfig(data=str(data), model="resnet10t", pretrained=False, size=32, epochs=4,
-                                    batch_size=8, lr=3e-3, warmup_epochs=0.5, ema_decay=0, threads=2,
-                                    out_dir=str(root / "runs"), run_name="tiny")
-        run = train_mod.train(cfg, progress=False)
-        result = bundle_mod.export_run(run.run_dir, calibration_count=24, golden_count=6,
-                                       out_dir=root / "dist", progress=False)
-        yield {"root": root, "run": run, "result": result, "cache": root / "cache"}
 
 
 @pytest.fixture
