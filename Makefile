@@ -18,7 +18,7 @@ ifneq ($(wildcard $(SHARED)/weights),)
 export TRASHSORT_WEIGHTS_DIR ?= $(abspath $(SHARED)/weights)
 endif
 
-.PHONY: setup train evaluate export-mobile bench test lint clean
+.PHONY: setup train evaluate export-mobile bench test lint clean pi-rootfs validate
 
 # CPU-only torch comes from constraints.txt (torch==2.13.0+cpu); without it pip pulls CUDA builds.
 setup: $(BIN)/python
@@ -49,6 +49,15 @@ endif
 bench:
 	@test -n "$(BUNDLE)" || { echo "no bundle in dist/: run make export-mobile first"; exit 1; }
 	$(BIN)/trashsort bench $(BUNDLE) --checkpoint $(or $(CHECKPOINT),runs/latest) $(ARGS)
+
+# On-device check of the newest bundle on this machine (or BUNDLE=dist/...; ARGS="--model model_int8.tflite").
+validate:
+	@test -n "$(BUNDLE)" || { echo "no bundle in dist/: run make export-mobile first"; exit 1; }
+	$(BIN)/python edge/classify.py --bundle $(BUNDLE) --validate $(ARGS)
+
+# An emulated Raspberry Pi (arm64 Debian + ai-edge-litert, proot + qemu) for tests/test_edge_arm64.py.
+pi-rootfs:
+	bash .ci/pi-rootfs.sh
 
 lint:
 	$(BIN)/ruff check pipeline edge tests
