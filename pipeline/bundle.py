@@ -17,6 +17,7 @@ interrupted export never leaves a half bundle under the final name.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -234,13 +235,51 @@ def summary_line(result: BundleResult) -> str:
 
 def export_run(checkpoint: str | Path, data: str | Path | None = None, calibration_count: int = 200,
                golden_count: int = 24, **bundle_options: Any) -> BundleResult:
-    """Export a training run (its folder or checkpoint.pt), with its own data split unless ``data``."""
+    """Export a run (its folder or checkpoint.pt) with its own data split unless ``data``; a head run
+    (``classes.json``) takes each class's photos from where that file says."""
     from pipeline.manifest import check_classes_match
     from pipeline.train import load_checkpoint, load_run_config
 
     model, manifest = load_checkpoint(checkpoint)
-    _, cfg = load_run_config(checkpoint)
-    folder = data_mod.scan_folder(data or cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    run_dir, cfg = load_run_config(checkpoint)
+    if data is None and (run_dir / "classes.json").is_file():
+        from pipeline.head import class_folder, load_class_sources
+
+        folder = class_folder(load_class_sources(run_dir), cfg)
+    else:
+        folder = data_mod.scan_folder(data or cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
     check_classes_match(manifest, folder.classes, str(folder.root))
+    manifest.model.checkpoint = str((run_dir / "checkpoint.pt").resolve())  # head retraining starts here
     export_data = load_export_data(folder, manifest.preprocess, calibration_count, golden_count, cfg.seed)
     return build_bundle(model, manifest, export_data, **bundle_options)
+
+
+def rewrite_manifest(bundle: str | Path, manifest: Manifest, renames: dict[str, str] | None = None,
+                     out_dir: str | Path | None = None, force: bool = False) -> Path:
+    """A copy of a bundle under a new manifest (same artefacts, e.g. a class renamed), as
+    ``<out_dir>/<name>-v<version>``; written beside and renamed when complete, like any bundle."""
+    bundle = Path(bundle)
+    verify(bundle)
+    final = Path(out_dir or bundle.parent) / f"{manifest.name}-v{manifest.version}"
+    if final.exists() and not force:
+        raise BundleError(f"{final}: bundle already exists (use --force to replace it)")
+    staging = final.parent / f".{final.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        shutil.copytree(bundle, staging)
+        manifest.save(staging / "manifest.json")
+        names = manifest.class_names
+        (staging / "labels.txt").write_text("".join(f"{c}\n" for c in names), encoding="utf-8")
+        expected_path = staging / "golden" / "expected.json"
+        if expected_path.is_file():
+            expected = json.loads(expected_path.read_text(encoding="utf-8"))
+            for item in expected["images"]:
+                item["label"] = (renames or {}).get(item["label"], item["label"])
+            write_json_atomic(expected_path, expected)
+        (staging / "report.md").write_text(report_markdown(manifest, {}), encoding="utf-8")
+        verify(staging)
+        _replace_dir(staging, final)
+        return final
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -1,4 +1,5 @@
-"""The ``trashsort`` command line: train, evaluate, predict, export, bench.
+"""The ``trashsort`` command line: train, evaluate, predict, export, bench, and head changes
+(add-class, retrain-head, remove-class, rename-class).
 
 Every expected failure (missing folder, bad weights, class mismatch, broken manifest) ends with
 one clear ``Error:`` line and exit status 1 instead of a traceback.
@@ -245,6 +246,154 @@ def bench(bundle: Path, checkpoint: Path, runs: int, out_dir: Path | None) -> No
     path = bench_mod.write_bench(rows, out_dir or bundle, runs)
     click.echo(path.read_text())
     click.echo(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+# ---------------------------------------------------------------- head retraining (backbone frozen)
+
+def head_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by the head commands: where from, where to, what to export."""
+    options = [
+        click.option("--from", "source", required=True, type=click.Path(exists=True, path_type=Path),
+                     help="A bundle (dist/...; its run must be on this machine) or a run folder."),
+        click.option("--runs", "runs_dir", default="runs", show_default=True,
+                     help="The new head run goes to RUNS/<name>-v<version>/."),
+        click.option("--out", "out_dir", default="dist", show_default=True, help="Bundles go to OUT/."),
+        click.option("--formats", help="Artefacts to export (as for export).  [default: those of the --from "
+                                       "bundle, else all six]"),
+        click.option("--calibration", "calibration_count", type=click.IntRange(min=1), default=200,
+                     show_default=True, help="Training photos to calibrate INT8 on."),
+        click.option("--no-export", is_flag=True, help="Only the new head run, no bundle."),
+        click.option("--force", is_flag=True, help="Replace an existing bundle of the same name and version."),
+        click.option("--quiet", is_flag=True, help="No progress bars."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _finish_head_change(result: Any, source: Any, formats: str | None, out_dir: str, calibration_count: int,
+                        no_export: bool, force: bool, quiet: bool, started: float) -> None:
+    """Print what changed, export and gate the new run, print each phase's time."""
+    import time
+
+    from pipeline import bundle as bundle_mod
+    from pipeline.export import select
+
+    report = result.report
+    old = report["old_classes_val_top1"]
+    click.echo(f"head run {result.run_dir}: {len(report['classes'])} classes, "
+               f"val top-1 {report['val']['top1']:.4f}, macro-F1 {report['val']['macro_f1']:.4f}")
+    if old["count"]:
+        click.echo(f"  classes kept: val top-1 {old['before']:.4f} before, {old['after']:.4f} after "
+                   f"(n={old['count']})")
+    for name, c in report["per_class"].items():
+        click.echo(f"  {name:<14} recall {c['recall']:.3f}  F1 {c['f1']:.3f}  (n={c['support']})")
+    same = report["backbone_sha256"]["before"] == report["backbone_sha256"]["after"]
+    click.echo(f"  backbone sha256 {report['backbone_sha256']['after'][:16]}... "
+               f"{'unchanged' if same else 'CHANGED'}; embeddings computed {report['embeddings']['computed']}, "
+               f"cached {report['embeddings']['cached']}")
+    seconds = dict(report["seconds"])
+    failures: dict[str, str] = {}
+    if not no_export:
+        t0 = time.perf_counter()
+        artefacts = select(formats or (",".join(source.formats) if source.formats else None))
+        export = bundle_mod.export_run(result.run_dir, calibration_count=calibration_count, out_dir=out_dir,
+                                       artefacts=artefacts, force=force, progress=not quiet)
+        seconds["export_gate"] = round(time.perf_counter() - t0, 2)
+        if export.path is not None:
+            click.echo(bundle_mod.summary_line(export))
+        failures = export.failures
+    seconds["total"] = round(time.perf_counter() - started, 2)
+    click.echo("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
+    if failures:
+        reasons = "; ".join(f"{file}: {why}" for file, why in failures.items())
+        raise click.ClickException(f"parity gate failed, left out of the bundle: {reasons}")
+
+
+@main.command("add-class")
+@head_options
+@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A folder of photos of the new class, or a folder of class folders (several classes).")
+@click.option("--name", help="Class name for a single folder of photos.  [default: the folder's name]")
+@click.option("--stream", help="Recycling stream of the new class(es), e.g. 'hazardous-waste'.")
+@click.option("--replace", is_flag=True, help="Retrain an existing class on these photos instead.")
+@click.option("--min-photos", type=click.IntRange(min=2), default=10, show_default=True,
+              help="Fewest photos a new class may have.")
+@friendly_errors
+def add_class(source: Path, runs_dir: str, out_dir: str, formats: str | None, calibration_count: int,
+              no_export: bool, force: bool, quiet: bool, images: Path, name: str | None, stream: str | None,
+              replace: bool, min_photos: int) -> None:
+    """Add one or more classes by retraining only the classifier head (backbone frozen, its
+    embeddings cached), then export and gate a new bundle with a new manifest version."""
+    import time
+
+    from pipeline import head
+
+    started = time.perf_counter()
+    src = head.load_source(source)
+    new = head.new_class_folders(images, name)
+    result = head.add_classes(src, new, streams={n: stream for n in new}, replace=replace, out_dir=runs_dir,
+                              min_photos=min_photos)
+    _finish_head_change(result, src, formats, out_dir, calibration_count, no_export, force, quiet, started)
+
+
+@main.command("retrain-head")
+@head_options
+@friendly_errors
+def retrain_head(source: Path, runs_dir: str, out_dir: str, formats: str | None, calibration_count: int,
+                 no_export: bool, force: bool, quiet: bool) -> None:
+    """Refit the classifier head on the classes' current photos (more or corrected data); same
+    classes, backbone frozen; then export and gate a new bundle."""
+    import time
+
+    from pipeline import head
+
+    started = time.perf_counter()
+    src = head.load_source(source)
+    result = head.retrain_only(src, out_dir=runs_dir)
+    _finish_head_change(result, src, formats, out_dir, calibration_count, no_export, force, quiet, started)
+
+
+@main.command("remove-class")
+@head_options
+@click.argument("names", nargs=-1, required=True)
+@friendly_errors
+def remove_class(source: Path, runs_dir: str, out_dir: str, formats: str | None, calibration_count: int,
+                 no_export: bool, force: bool, quiet: bool, names: tuple[str, ...]) -> None:
+    """Remove classes (the head is refitted on the others; ids after a removed class move up)."""
+    import time
+
+    from pipeline import head
+
+    started = time.perf_counter()
+    src = head.load_source(source)
+    result = head.remove_classes(src, list(names), out_dir=runs_dir)
+    _finish_head_change(result, src, formats, out_dir, calibration_count, no_export, force, quiet, started)
+
+
+@main.command("rename-class")
+@click.option("--from", "source", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A bundle (a renamed copy is written beside it) or a run folder (its manifest is updated).")
+@click.argument("old")
+@click.argument("new")
+@click.option("--out", "out_dir", help="Where the renamed bundle goes.  [default: beside the bundle]")
+@click.option("--force", is_flag=True, help="Replace an existing bundle of the same name and version.")
+@friendly_errors
+def rename_class(source: Path, old: str, new: str, out_dir: str | None, force: bool) -> None:
+    """Rename a class: the manifest only (same model, same artefacts and hashes; new manifest version)."""
+    from pipeline import bundle as bundle_mod
+    from pipeline import head
+    from pipeline.manifest import Manifest
+
+    if (source / "checkpoint.pt").is_file():
+        manifest = head.rename_in_run(source, old, new)
+        click.echo(f"renamed {old} to {new} in {source}/manifest.json (version {manifest.version})")
+        return
+    from edge.bundle import read_manifest
+
+    manifest = head.rename_class(Manifest.from_dict(read_manifest(source)), old, new)
+    path = bundle_mod.rewrite_manifest(source, manifest, {old: new}, out_dir, force)
+    click.echo(f"renamed {old} to {new}: bundle {path} (manifest version {manifest.version}, same artefacts)")
 
 
 def _env_path(var: str, option: str) -> Path:

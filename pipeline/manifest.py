@@ -66,6 +66,8 @@ class ModelInfo:
     weights_source: str = "none"  # "hub:<tag>", "file:<path>" or "none"
     weights_sha256: str | None = None
     checkpoint_sha256: str | None = None
+    backbone_sha256: str | None = None  # everything but the classifier head: head retraining keeps it
+    checkpoint: str | None = None  # the run checkpoint a bundle was exported from (for head retraining)
 
 
 @dataclass

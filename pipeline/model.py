@@ -182,3 +182,18 @@ def state_sha256(state: dict[str, torch.Tensor]) -> str:
         h.update(key.encode())
         h.update(state[key].detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def classifier_prefix(model: nn.Module) -> str:
+    """The state-dict prefix of a timm model's classifier head (``classifier``, ``head.fc``, ...)."""
+    head = model.get_classifier()
+    for name, module in model.named_modules():
+        if module is head and name:
+            return name
+    raise ValueError(f"{type(model).__name__}: no classifier module found")
+
+
+def backbone_sha256(model: nn.Module) -> str:
+    """The hash of every weight and batch-norm statistic except the classifier head's."""
+    prefix = classifier_prefix(model) + "."
+    return state_sha256({k: v for k, v in model.state_dict().items() if not k.startswith(prefix)})

@@ -43,6 +43,7 @@ from pipeline.model import (
     DEFAULT_PRESET,
     ContractModel,
     Normalize,
+    backbone_sha256,
     create_model,
     preprocess_for,
     state_sha256,
@@ -219,7 +220,7 @@ def _run(cfg: TrainConfig, run_dir: Path, progress: bool) -> RunResult:
         improved = val_top1 > best
         if improved:
             best, bad_epochs = val_top1, 0
-            _save_checkpoint(run_dir / "checkpoint.pt", eval_model, manifest, manifest_path)
+            save_checkpoint(run_dir / "checkpoint.pt", eval_model, manifest, manifest_path)
         else:
             bad_epochs += 1
         with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -243,12 +244,13 @@ def _run(cfg: TrainConfig, run_dir: Path, progress: bool) -> RunResult:
     return RunResult(run_dir, run_dir / "checkpoint.pt", manifest, metrics)
 
 
-def _save_checkpoint(path: Path, model: torch.nn.Module, manifest: Manifest, manifest_path: Path) -> None:
+def save_checkpoint(path: Path, model: torch.nn.Module, manifest: Manifest, manifest_path: Path) -> None:
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     buf = io.BytesIO()
     torch.save({"arch": manifest.model.arch, "num_classes": manifest.num_classes, "state_dict": state}, buf)
     write_bytes_atomic(path, buf.getvalue())
     manifest.model.checkpoint_sha256 = state_sha256(state)
+    manifest.model.backbone_sha256 = backbone_sha256(model)
     manifest.save(manifest_path)
 
 

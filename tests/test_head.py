@@ -1,0 +1,153 @@
+"""Head retraining: add a class end to end (backbone byte-identical, manifest version and ids, the
+edge runner validating the new bundle), the embedding cache, each bad input, rename and remove."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from click.testing import CliRunner
+
+from edge import classify
+from edge.bundle import read_manifest, verify
+from pipeline import head
+from pipeline.cli import main
+from pipeline.model import backbone_sha256, classifier_prefix
+from pipeline.train import load_checkpoint
+from tests.conftest import make_photo
+
+
+def photos(folder: Path, count: int, colour: tuple[int, int, int], seed: int = 1) -> Path:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        make_photo(rng, colour).save(folder / f"{folder.name}{i}.jpg", quality=90)
+    return folder
+
+
+def cli(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def backbone_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    model, _ = load_checkpoint(run_dir)
+    prefix = classifier_prefix(model.model) + "."
+    return {k: v for k, v in model.model.state_dict().items() if not k.startswith(prefix)}
+
+
+def test_add_class_end_to_end(exported, tmp_path: Path) -> None:
+    bundle = exported["result"].path
+    base = read_manifest(bundle)
+    battery = photos(tmp_path / "battery", 16, (200, 30, 30))
+    done = cli("add-class", "--from", str(bundle), "--images", str(battery), "--stream", "hazardous-waste",
+               "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "dist"),
+               "--formats", "tflite-int8,onnx-fp32", "--calibration", "24", "--quiet")
+    assert done.exit_code == 0, done.output
+    assert "classes kept: val top-1" in done.output and "unchanged" in done.output
+
+    run_dir = tmp_path / "runs" / f"{base['name']}-v{base['version'] + 1}"
+    report = json.loads((run_dir / "head_report.json").read_text())
+    assert report["per_class"]["battery"]["recall"] == 1.0  # a colour no other class has
+    assert report["old_classes_val_top1"]["after"] >= report["old_classes_val_top1"]["before"] - 0.01
+    # The backbone is byte-identical: every tensor but the head's.
+    before, after = backbone_tensors(exported["run"].run_dir), backbone_tensors(run_dir)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert report["backbone_sha256"]["before"] == report["backbone_sha256"]["after"]
+
+    new_bundle = tmp_path / "dist" / f"{base['name']}-v{base['version'] + 1}"
+    manifest = verify(new_bundle)
+    assert manifest["version"] == base["version"] + 1
+    assert manifest["classes"][:3] == base["classes"]  # stable ids and names for the existing classes
+    assert manifest["classes"][3] == {"id": 3, "name": "battery", "stream": "hazardous-waste"}
+    assert manifest["model"]["backbone_sha256"] == report["backbone_sha256"]["after"]
+    assert [h["change"] for h in manifest["history"]][-2:] == [
+        "added battery (head only)", "exported model_int8.tflite, model_fp32.onnx"]
+    assert sorted(a["file"] for a in manifest["artefacts"]) == ["model_fp32.onnx", "model_int8.tflite"]
+    assert (new_bundle / "labels.txt").read_text().split() == ["cardboard", "glass", "metal", "battery"]
+    for artefact in ("model_int8.tflite", "model_fp32.onnx"):  # the edge runner, unchanged
+        assert classify.main(["--bundle", str(new_bundle), "--validate", "--model", artefact]) == 0
+
+
+def test_second_add_embeds_only_the_new_photos(exported, tmp_path: Path) -> None:
+    run = exported["run"].run_dir
+    first = head.add_classes(head.load_source(run), {"battery": photos(tmp_path / "battery", 12, (200, 30, 30))},
+                             out_dir=tmp_path / "runs")
+    assert first.report["embeddings"]["cached"] == 0
+    second = head.add_classes(head.load_source(first.run_dir),
+                              {"foil": photos(tmp_path / "foil", 12, (30, 30, 200), seed=2)},
+                              out_dir=tmp_path / "runs")
+    assert second.report["embeddings"]["computed"] == 12  # only the new class's photos
+    assert second.manifest.class_names == ["cardboard", "glass", "metal", "battery", "foil"]
+    assert second.manifest.version == first.manifest.version + 1
+    assert backbone_sha256(second.model.model) == backbone_sha256(first.model.model)
+
+
+def test_cache_from_another_backbone_is_rebuilt_not_mixed(exported, tmp_path: Path, caplog) -> None:
+    source = head.load_source(exported["run"].run_dir)
+    backbone = backbone_sha256(source.model.model)
+    cache = head.EmbeddingCache(backbone, source.manifest.preprocess)
+    cache.vectors = {"some-photo": np.ones(4, np.float32)}
+    cache.backbone = "0" * 64  # a file under this backbone's name, written by another backbone
+    cache.save()
+    with caplog.at_level(logging.WARNING):
+        reopened = head.EmbeddingCache(backbone, source.manifest.preprocess)
+    assert reopened.vectors == {} and "made by another backbone; rebuilding" in caplog.text
+    # A different backbone gets a different file altogether.
+    assert head.EmbeddingCache("f" * 64, source.manifest.preprocess).path != reopened.path
+
+
+def test_bad_input_is_refused_with_advice(exported, tmp_path: Path) -> None:
+    bundle = str(exported["result"].path)
+    few = photos(tmp_path / "battery", 4, (200, 30, 30))
+    done = cli("add-class", "--from", bundle, "--images", str(few), "--runs", str(tmp_path / "runs"),
+               "--no-export")
+    assert done.exit_code == 1 and "has 4 photo(s); at least 10 are needed" in done.output
+
+    glass = photos(tmp_path / "more" / "glass", 12, (60, 160, 90))
+    done = cli("add-class", "--from", bundle, "--images", str(glass), "--runs", str(tmp_path / "runs"),
+               "--no-export")
+    assert done.exit_code == 1 and "class 'glass' already exists (id 1): use --replace" in done.output
+    done = cli("add-class", "--from", bundle, "--images", str(glass), "--replace", "--runs",
+               str(tmp_path / "runs"), "--no-export")
+    assert done.exit_code == 0, done.output
+    replaced = read_manifest(tmp_path / "runs" / f"{read_manifest(bundle)['name']}-v2")
+    assert [c["name"] for c in replaced["classes"]] == ["cardboard", "glass", "metal"]
+
+    done = cli("add-class", "--from", str(tmp_path), "--images", str(glass), "--no-export")
+    assert done.exit_code == 1 and "not a run folder" in done.output
+
+
+def test_duplicate_photos_warn(exported, tmp_path: Path, caplog) -> None:
+    battery = photos(tmp_path / "battery", 12, (200, 30, 30))
+    existing = next((exported["root"] / "data" / "metal").glob("*.jpg"))
+    (battery / "copy.jpg").write_bytes(existing.read_bytes())
+    with caplog.at_level(logging.WARNING):
+        head.add_classes(head.load_source(exported["run"].run_dir), {"battery": battery},
+                         out_dir=tmp_path / "runs")
+    assert f"copy.jpg = {existing}" in caplog.text and "1 new photo(s) duplicate" in caplog.text
+
+
+def test_remove_and_rename(exported, tmp_path: Path) -> None:
+    bundle = exported["result"].path
+    done = cli("remove-class", "--from", str(exported["run"].run_dir), "metal", "--runs", str(tmp_path / "runs"),
+               "--no-export")
+    assert done.exit_code == 0, done.output
+    removed = read_manifest(tmp_path / "runs" / f"{read_manifest(bundle)['name']}-v2")
+    assert [(c["id"], c["name"]) for c in removed["classes"]] == [(0, "cardboard"), (1, "glass")]
+    done = cli("remove-class", "--from", str(bundle), "plastic", "--no-export")
+    assert done.exit_code == 1 and "no class named ['plastic']" in done.output
+
+    done = cli("rename-class", "--from", str(bundle), "glass", "bottles", "--out", str(tmp_path / "dist"))
+    assert done.exit_code == 0, done.output
+    base, renamed_path = read_manifest(bundle), tmp_path / "dist" / f"{read_manifest(bundle)['name']}-v2"
+    renamed = verify(renamed_path)
+    assert [c["name"] for c in renamed["classes"]] == ["cardboard", "bottles", "metal"]
+    assert [a["sha256"] for a in renamed["artefacts"]] == [a["sha256"] for a in base["artefacts"]]
+    assert (renamed_path / "labels.txt").read_text().split() == ["cardboard", "bottles", "metal"]
+    assert classify.main(["--bundle", str(renamed_path), "--validate", "--model", "model_fp32.onnx"]) == 0
+    done = cli("rename-class", "--from", str(bundle), "glass", "metal", "--out", str(tmp_path / "dist2"))
+    assert done.exit_code == 1 and "class 'metal' already exists" in done.output
