@@ -18,7 +18,7 @@ ifneq ($(wildcard $(SHARED)/weights),)
 export TRASHSORT_WEIGHTS_DIR ?= $(abspath $(SHARED)/weights)
 endif
 
-.PHONY: setup train evaluate export-mobile bench test lint clean pi-rootfs validate
+.PHONY: setup train evaluate export-mobile bench test test-android lint clean pi-rootfs validate
 
 # CPU-only torch comes from constraints.txt (torch==2.13.0+cpu); without it pip pulls CUDA builds.
 setup: $(BIN)/python
@@ -62,8 +62,14 @@ pi-rootfs:
 lint:
 	$(BIN)/ruff check pipeline edge tests
 
+# Python tests (pytest), then the Android core's JVM tests (prints "android core: N passed, N failed").
 test: lint
 	$(BIN)/python -m pytest -q -p no:anyio $(ARGS)
+	$(MAKE) --no-print-directory test-android
+
+# Kotlin core of android_demo/ on the JVM: kotlinc (npm), JUnit 4 + org.json (Debian), golden vectors.
+test-android:
+	PYTHON=$(abspath $(BIN)/python) bash android_demo/test-jvm.sh
 
 clean:
 	rm -rf runs dist .pytest_cache .ruff_cache

@@ -371,7 +371,10 @@ def add_classes(source: Source, new: dict[str, Path], streams: dict[str, str | N
     _warn_duplicates(sources, new)
     added, replaced = [], []
     for name, folder in new.items():
-        src = ClassSource(name, str(Path(folder).resolve()))
+        folder = Path(folder).resolve()
+        # A class folder of a dataset with splits.csv keeps that split (e.g. TrashNet's group-aware one).
+        dataset = str(folder.parent) if (folder.parent / "splits.csv").is_file() else None
+        src = ClassSource(name, str(folder), dataset)
         if name in existing:
             sources[existing[name]] = src
             if streams.get(name) is not None:

@@ -1,0 +1,86 @@
+"""Golden vectors for the Android core's JVM tests, written by the Python pipeline's own code.
+
+    python android_demo/write_golden.py OUT_DIR [--manifest BUNDLE/manifest.json]
+
+- photos (real TrashNet photos when ../shared is there, and generated ones of camera-like and odd
+  sizes) as ARGB int32 pixels, with the input tensor ``edge/preprocess.py`` makes of them: the
+  Kotlin preprocessing must give the same bytes;
+- random logits with their softmax and top-k (``edge/runtimes.py``): Kotlin must agree within 1e-6;
+- the manifest the tests parse (a real export's, ``core/src/test/resources/manifest.json`` by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from edge.preprocess import load_rgb, model_input  # noqa: E402
+from edge.runtimes import softmax  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+TRASHNET = HERE.parent.parent / "shared" / "datasets" / "trashnet"
+SIZES = [(640, 480), (480, 640), (300, 300), (999, 257), (225, 225), (1280, 720)]
+
+
+def argb(rgb: np.ndarray) -> np.ndarray:
+    """RGB uint8 HxWx3 -> Android ARGB_8888 ints (opaque)."""
+    r, g, b = (rgb[..., i].astype(np.uint32) for i in range(3))
+    return ((0xFF << 24) | (r << 16) | (g << 8) | b).astype(np.uint32).view(np.int32)
+
+
+def photos() -> list[tuple[str, np.ndarray]]:
+    rng = np.random.default_rng(7)
+    out = [(p.name, np.asarray(load_rgb(p))) for p in sorted(TRASHNET.glob("*/*7.jpg"))[:3]]
+    for w, h in SIZES:
+        smooth = rng.integers(0, 255, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+        img = Image.fromarray(smooth).resize((w, h), Image.Resampling.BICUBIC)  # photo-like gradients
+        noisy = np.clip(np.asarray(img, dtype=np.int16) + rng.integers(-20, 21, (h, w, 3)), 0, 255)
+        out.append((f"generated_{w}x{h}", noisy.astype(np.uint8)))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--manifest", type=Path, default=HERE / "core/src/test/resources/manifest.json")
+    args = parser.parse_args()
+    out = args.out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    manifest = json.loads(args.manifest.read_text())
+    shutil.copy(args.manifest, out / "manifest.json")
+
+    settings = [manifest["preprocess"],
+                {**manifest["preprocess"], "size": [32, 32], "interpolation": "bicubic"},
+                {**manifest["preprocess"], "size": [160, 160], "crop_pct": 0.9}]
+    cases = []
+    for name, rgb in photos():
+        pixels = f"{Path(name).stem}.argb"
+        argb(rgb).astype("<i4").tofile(out / pixels)
+        for j, pre in enumerate(settings):
+            case = f"{Path(name).stem}_{j}"
+            model_input(Image.fromarray(rgb), pre).tofile(out / f"{case}.u8")
+            cases.append({"name": case, "pixels": pixels, "width": rgb.shape[1], "height": rgb.shape[0],
+                          "size": pre["size"], "crop_pct": pre["crop_pct"], "interpolation": pre["interpolation"]})
+
+    rng = np.random.default_rng(11)
+    k = len(manifest["classes"])
+    scores = []
+    for scale in (0.5, 3.0, 12.0):
+        logits = (rng.normal(size=(1, k)) * scale).astype(np.float32)
+        probs = softmax(logits.astype(np.float64))[0]
+        scores.append({"logits": logits[0].tolist(), "probs": probs.tolist(),
+                       "top_k": np.argsort(-probs, kind="stable")[:3].tolist()})
+    (out / "index.json").write_text(json.dumps({"cases": cases, "scores": scores}, indent=1))
+    print(f"wrote {len(cases)} preprocessing cases and {len(scores)} score cases to {out}")
+
+
+if __name__ == "__main__":
+    main()
