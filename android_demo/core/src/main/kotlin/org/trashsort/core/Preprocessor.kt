@@ -110,10 +110,12 @@ object Preprocessor {
         var rowOffset = 0
         if (outW != image.width) {
             val horiz = Coefficients.compute(image.width, outW, filter)
-            current = horizontal(image, yFirst, yLast - yFirst, horiz)
+            current = convolve(image, outW, yLast - yFirst, horiz, horizontal = true, rowOffset = yFirst)
             rowOffset = yFirst  // the horizontal pass kept only the rows the vertical pass reads
         }
-        if (outH != image.height) current = vertical(current, rowOffset, outH, vert)
+        if (outH != image.height) {
+            current = convolve(current, current.width, outH, vert, horizontal = false, rowOffset = rowOffset)
+        }
         return current
     }
 
@@ -174,21 +176,24 @@ object Preprocessor {
 
     private fun clip8(sum: Int): Byte = (sum shr PRECISION_BITS).coerceIn(0, 255).toByte()
 
-    private fun horizontal(image: RgbImage, rowOffset: Int, rows: Int, c: Coefficients): RgbImage {
-        val outW = c.bounds.size / 2
-        val out = ByteArray(outW * rows * 3)
-        for (yy in 0 until rows) {
-            val rowBase = (yy + rowOffset) * image.width * 3
+    /** One pass of Pillow's two-pass resize: along x ([horizontal]) or y. Output row yy reads input row
+     * yy + [rowOffset] in the horizontal pass; the vertical pass's bounds are shifted by [rowOffset]. */
+    private fun convolve(image: RgbImage, outW: Int, outH: Int, c: Coefficients, horizontal: Boolean,
+                         rowOffset: Int): RgbImage {
+        val out = ByteArray(outW * outH * 3)
+        for (yy in 0 until outH) {
             for (xx in 0 until outW) {
-                val xmin = c.bounds[xx * 2]
-                val xmax = c.bounds[xx * 2 + 1]
-                val kBase = xx * c.ksize
+                val along = if (horizontal) xx else yy
+                val first = c.bounds[along * 2] - if (horizontal) 0 else rowOffset
+                val count = c.bounds[along * 2 + 1]
+                val kBase = along * c.ksize
                 var s0 = 1 shl (PRECISION_BITS - 1)
                 var s1 = s0
                 var s2 = s0
-                for (x in 0 until xmax) {
-                    val p = rowBase + (x + xmin) * 3
-                    val w = c.weights[kBase + x]
+                for (i in 0 until count) {
+                    val p = if (horizontal) ((yy + rowOffset) * image.width + first + i) * 3
+                    else ((first + i) * image.width + xx) * 3
+                    val w = c.weights[kBase + i]
                     s0 += (image.pixels[p].toInt() and 0xFF) * w
                     s1 += (image.pixels[p + 1].toInt() and 0xFF) * w
                     s2 += (image.pixels[p + 2].toInt() and 0xFF) * w
@@ -199,33 +204,6 @@ object Preprocessor {
                 out[o + 2] = clip8(s2)
             }
         }
-        return RgbImage(outW, rows, out)
-    }
-
-    private fun vertical(image: RgbImage, rowOffset: Int, outH: Int, c: Coefficients): RgbImage {
-        val w = image.width
-        val out = ByteArray(w * outH * 3)
-        for (yy in 0 until outH) {
-            val ymin = c.bounds[yy * 2] - rowOffset
-            val ymax = c.bounds[yy * 2 + 1]
-            val kBase = yy * c.ksize
-            for (xx in 0 until w) {
-                var s0 = 1 shl (PRECISION_BITS - 1)
-                var s1 = s0
-                var s2 = s0
-                for (y in 0 until ymax) {
-                    val p = ((y + ymin) * w + xx) * 3
-                    val k = c.weights[kBase + y]
-                    s0 += (image.pixels[p].toInt() and 0xFF) * k
-                    s1 += (image.pixels[p + 1].toInt() and 0xFF) * k
-                    s2 += (image.pixels[p + 2].toInt() and 0xFF) * k
-                }
-                val o = (yy * w + xx) * 3
-                out[o] = clip8(s0)
-                out[o + 1] = clip8(s1)
-                out[o + 2] = clip8(s2)
-            }
-        }
-        return RgbImage(w, outH, out)
+        return RgbImage(outW, outH, out)
     }
 }
