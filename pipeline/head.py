@@ -5,7 +5,8 @@ is the fine-tuned backbone's, byte for byte, and its sha256 is checked before an
 backbone's pooled embeddings of every photo are cached on disk, keyed by the photo's content hash
 under a file named by the backbone's sha256 and the preprocessing, so adding a class embeds only
 the new photos and a different backbone never reads another's vectors. The head is a class-balanced
-multinomial logistic regression fitted in seconds (L-BFGS on standardized embeddings, folded back).
+multinomial logistic regression fitted in seconds (L-BFGS), starting from the fine-tuned head's rows
+for the classes the model already knows and keeping them close to those.
 
 A head run is an ordinary run folder (``checkpoint.pt``, ``manifest.json`` with a new version and a
 history entry, ``config.json``) plus ``classes.json``: where each class's photos come from, so the
@@ -28,7 +29,7 @@ import torch
 
 from edge.bundle import read_manifest, sha256_file
 from pipeline import data as data_mod
-from pipeline.evaluate import compute_metrics, predict_probs
+from pipeline.evaluate import compute_metrics
 from pipeline.manifest import ClassInfo, Manifest, Preprocess, write_bytes_atomic, write_json_atomic
 from pipeline.model import ContractModel, backbone_sha256
 from pipeline.train import TrainConfig, load_checkpoint, load_run_config, save_checkpoint
@@ -36,7 +37,8 @@ from pipeline.train import TrainConfig, load_checkpoint, load_run_config, save_c
 log = logging.getLogger(__name__)
 
 MIN_PHOTOS = 10  # per new class; fewer gives a head that has seen the class only by chance
-L2 = 1e-3  # on standardized embeddings; a fixed, conservative default (not tuned on val)
+L2 = 1e-3  # on the weights of a new class's row
+ANCHOR = 1e-3  # pull of a known class's row toward its fine-tuned weights (fixed defaults, not tuned on val)
 
 
 class HeadError(ValueError):
@@ -211,29 +213,40 @@ def cached_embeddings(model: ContractModel, images: np.ndarray, keys: list[str],
 
 # ------------------------------------------------------------------ the head
 
-def fit_head(features: np.ndarray, labels: np.ndarray, num_classes: int, l2: float = L2,
-             max_iter: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class-balanced multinomial logistic regression: (weight [K, D], bias [K]) on raw embeddings."""
+def fit_head(features: np.ndarray, labels: np.ndarray, num_classes: int,
+             prior: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, anchor: float = ANCHOR,
+             l2: float = L2, max_iter: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-balanced multinomial logistic regression: (weight [K, D], bias [K]) on the embeddings.
+
+    ``prior`` = (weight, bias, rows): the current head, and for each class the row it had there (-1
+    for a new class). Those rows start from what fine-tuning learned and are pulled back toward it
+    (``anchor``); new rows start at zero with a plain L2. So the classes a model already knew keep
+    their decision rules, and a new class is fitted around them.
+    """
     x = torch.from_numpy(features).double()
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    z = (x - mean) / std
     y = torch.from_numpy(labels).long()
     weights = data_mod.class_weights(labels, num_classes).double()
-    w = torch.zeros(num_classes, z.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    w0 = torch.zeros(num_classes, x.shape[1], dtype=torch.float64)
+    b0 = torch.zeros(num_classes, dtype=torch.float64)
+    known = torch.zeros(num_classes, dtype=torch.bool)
+    if prior is not None:
+        prior_w, prior_b, rows = prior
+        for i, row in enumerate(rows):
+            if row >= 0:
+                w0[i], b0[i], known[i] = torch.from_numpy(prior_w[row]).double(), float(prior_b[row]), True
+    w = w0.clone().requires_grad_(True)
+    b = b0.clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(z @ w.T + b, y, weight=weights) + l2 * (w * w).sum()
+        penalty = anchor * ((w - w0)[known] ** 2).sum() + l2 * (w[~known] ** 2).sum()
+        loss = torch.nn.functional.cross_entropy(x @ w.T + b, y, weight=weights) + penalty
         loss.backward()
         return loss
 
     optimizer.step(closure)
-    with torch.no_grad():  # fold the standardization into the layer: logits = x @ W.T + b
-        weight = w / std
-        bias = b - (w * (mean / std)).sum(1)
-    return weight.float(), bias.float()
+    return w.detach().float(), b.detach().float()
 
 
 def install_head(model: ContractModel, weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -280,14 +293,19 @@ def retrain_head(source: Source, sources: list[ClassSource], manifest: Manifest,
     timings["embed"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    weight, bias = fit_head(feats["train"], decoded["train"].labels, manifest.num_classes)
+    head_layer = model.model.get_classifier()
+    prior = (head_layer.weight.detach().numpy(), head_layer.bias.detach().numpy(),
+             _to_old_index(source, sources, np.arange(len(sources))))
+    weight, bias = fit_head(feats["train"], decoded["train"].labels, manifest.num_classes, prior)
     timings["fit_head"] = time.perf_counter() - t
 
-    val_inputs = data_mod.center_crops(decoded["val"].images, size)
     val_labels = decoded["val"].labels
     old_k = source.manifest.num_classes
     old_mask = _old_class_mask(source, sources, val_labels)
-    before = predict_probs(model, val_inputs[old_mask]).argmax(1) if old_mask.any() else np.zeros(0)
+    # A linear head on the embeddings is what the model computes after its backbone (eval mode), so
+    # val is scored from the embeddings already at hand; the export's gate runs the full model.
+    val_feats = torch.from_numpy(feats["val"])
+    before = (val_feats[old_mask] @ head_layer.weight.detach().T + head_layer.bias.detach()).argmax(1).numpy()
     old_labels_in_old_order = _to_old_index(source, sources, val_labels[old_mask])
 
     new_model = ContractModel(_clone(model.model), pre)
@@ -295,7 +313,7 @@ def retrain_head(source: Source, sources: list[ClassSource], manifest: Manifest,
     backbone_after = backbone_sha256(new_model.model)
     if backbone_after != backbone_before:
         raise HeadError("the backbone changed during head retraining (a bug): refusing to save")
-    probs = predict_probs(new_model, val_inputs)
+    probs = torch.softmax(val_feats @ weight.T + bias, dim=1).numpy()
     metrics = compute_metrics(val_labels, probs, manifest.class_names)
     after = probs[old_mask].argmax(1)
     report = {

@@ -2,10 +2,12 @@
 
 - fp32 takes the contract's uint8 NHWC input (a CAST to float is the graph's first op).
 - INT8 is converted from the same model taking float pixels (0..255), then quantized with the
-  ``static_wi8_ai8`` recipe and min/max calibration on real photos. The quantizer's default
-  calibration update is a moving average, which under-covers the activation ranges of
-  MobileNetV3's hardswish layers; the running min/max does not. The input range is pinned to the
-  contract's [0, 255], so the input is int8 with scale 1 and zero point -128: a device feeds
+  ``static_wi8_ai8`` recipe, calibrated on real photos. The quantizer's default calibration update
+  is a moving average, which under-covers the activation ranges of MobileNetV3's hardswish layers;
+  the plain min/max over all photos lets one outlier photo stretch a range for everyone. Each
+  tensor's range is therefore the 99th percentile of the per-photo minima/maxima (on the fine-tuned
+  MobileNetV3-Small: val top-1 87.9 % with min/max, 91.6 % with this). The input range is pinned to
+  the contract's [0, 255], so the input is int8 with scale 1 and zero point -128: a device feeds
   ``pixel - 128`` and no float op is left in the graph.
 
 Tensor names are cut to their last path component (plus the tensor index, to stay unique):
@@ -25,6 +27,7 @@ from edge.runtimes import TFLiteRunner as Runner  # noqa: F401  (the driver inte
 from pipeline.export import check_precision
 
 INPUT_RANGE = (0.0, 255.0)
+RANGE_PERCENTILE = 99.0  # of per-photo activation extremes (see the module docstring)
 
 
 def export(model: nn.Module, precision: str, calibration: np.ndarray) -> bytes:
@@ -45,23 +48,36 @@ def _convert(model: nn.Module, example: torch.Tensor) -> bytes:
 
 def _quantize_int8(float_model: bytes, calibration: np.ndarray) -> bytes:
     from ai_edge_quantizer import calibrator, quantizer, recipe
-    from ai_edge_quantizer.utils import qsv_utils
 
     qt = quantizer.Quantizer(float_model)
     qt.load_quantization_recipe(recipe.static_wi8_ai8())
     calib = calibrator.Calibrator(float_model, num_threads=os.cpu_count() or 1,
-                                  qsv_update_func=qsv_utils.min_max_update)
+                                  qsv_update_func=_keep_per_photo_ranges)
     interpreter = _interpreter(float_model)
     signature, spec = next(iter(interpreter.get_signature_list().items()))
     input_arg = spec["inputs"][0]
     samples = [{input_arg: img[None].astype(np.float32)} for img in calibration]
     calib.calibrate({signature: samples}, qt._recipe_manager)  # public calibrate() fixes the update rule
-    qsvs = calib.get_model_qsvs()
+    qsvs = {name: _percentile_range(qsv) for name, qsv in calib.get_model_qsvs().items()}
     input_tensor = interpreter.get_input_details()[0]["name"]
     shape = qsvs[input_tensor]["min"].shape
     qsvs[input_tensor] = {"min": np.full(shape, INPUT_RANGE[0], np.float32),
                           "max": np.full(shape, INPUT_RANGE[1], np.float32)}
     return bytes(qt.quantize(qsvs).quantized_model)
+
+
+def _keep_per_photo_ranges(qsv: dict, new: dict) -> dict:
+    """Calibration update that keeps every photo's min and max (one photo per step)."""
+    return {"min": np.minimum(qsv["min"], new["min"]), "max": np.maximum(qsv["max"], new["max"]),
+            "mins": qsv.get("mins", [qsv["min"]]) + [new["min"]],
+            "maxs": qsv.get("maxs", [qsv["max"]]) + [new["max"]]}
+
+
+def _percentile_range(qsv: dict) -> dict:
+    if "maxs" not in qsv:  # seen by one photo only
+        return {"min": qsv["min"], "max": qsv["max"]}
+    return {"min": np.percentile(np.stack(qsv["mins"]), 100 - RANGE_PERCENTILE, axis=0).astype(np.float32),
+            "max": np.percentile(np.stack(qsv["maxs"]), RANGE_PERCENTILE, axis=0).astype(np.float32)}
 
 
 def _short_tensor_names(flatbuffer: bytes) -> bytes:
