@@ -16,11 +16,15 @@ interrupted export never leaves a half bundle under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,12 +82,13 @@ def stratified_pick(labels: np.ndarray, count: int, seed: int = 0) -> np.ndarray
 
 
 def load_export_data(folder: data_mod.ImageFolder, preprocess: Preprocess, calibration_count: int = 200,
-                     golden_count: int = 24, seed: int = 0) -> ExportData:
+                     golden_count: int = 24, seed: int = 0, progress: bool = True) -> ExportData:
     """Decode (through the cache) val and train; pick calibration and golden photos, stratified."""
     side, size = preprocess.resize_shorter_to, preprocess.size[0]
-    val = data_mod.decode_split(folder.split("val"), side, preprocess.interpolation, size, desc="decode val")
+    val = data_mod.decode_split(folder.split("val"), side, preprocess.interpolation, size, desc="decode val",
+                                progress=progress)
     train = data_mod.decode_split(folder.split("train"), side, preprocess.interpolation, size,
-                                  desc="decode train")
+                                  desc="decode train", progress=progress)
     if len(val.labels) == 0 or len(train.labels) == 0:
         raise BundleError(f"{folder.root}: export needs readable train (calibration) and val (gate) photos")
     calib = stratified_pick(train.labels, calibration_count, seed)
@@ -137,7 +142,9 @@ def _build(model: Any, manifest: Manifest, data: ExportData, staging: Path, arte
         bar.set_postfix_str(spec.file)
         path = staging / spec.file
         t0 = time.perf_counter()
-        write_bytes_atomic(path, driver(spec.format).export(model, spec.precision, data.calibration))
+        with captured_output():  # the converters' own logs; shown only if the export fails
+            payload = driver(spec.format).export(model, spec.precision, data.calibration)
+        write_bytes_atomic(path, payload)
         export_s = time.perf_counter() - t0
         runner = driver(spec.format).Runner(path, threads=1)
         io = runner.io
@@ -176,6 +183,34 @@ def _build(model: Any, manifest: Manifest, data: ExportData, staging: Path, arte
     _write_golden(staging / "golden", data, golden_inputs, golden_reference, golden_probs, classes)
     (staging / "report.md").write_text(report_markdown(bundle_manifest, failures), encoding="utf-8")
     return BundleResult(None, bundle_manifest, failures)
+
+
+@contextlib.contextmanager
+def captured_output() -> Iterator[None]:
+    """Send what native code and Python print to stdout/stderr into a temp file for the duration (the
+    converters print pages of progress and debug lines); replay it on stderr if the body raises."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            _restore(saved)
+            log.seek(0)
+            sys.stderr.write(log.read().decode(errors="replace")[-20000:])
+            raise
+        finally:
+            _restore(saved)
+
+
+def _restore(saved: tuple[int, int]) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(saved[0], 1)
+    os.dup2(saved[1], 2)
 
 
 def _write_golden(folder: Path, data: ExportData, inputs: np.ndarray, reference: np.ndarray,
@@ -250,7 +285,8 @@ def export_run(checkpoint: str | Path, data: str | Path | None = None, calibrati
         folder = data_mod.scan_folder(data or cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
     check_classes_match(manifest, folder.classes, str(folder.root))
     manifest.model.checkpoint = str((run_dir / "checkpoint.pt").resolve())  # head retraining starts here
-    export_data = load_export_data(folder, manifest.preprocess, calibration_count, golden_count, cfg.seed)
+    export_data = load_export_data(folder, manifest.preprocess, calibration_count, golden_count, cfg.seed,
+                                   progress=bundle_options.get("progress", True))
     return build_bundle(model, manifest, export_data, **bundle_options)
 
 

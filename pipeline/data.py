@@ -179,7 +179,7 @@ def default_cache_dir() -> Path:
 
 def decode_split(
     samples: Sequence[Sample], side: int, interpolation: str = "bilinear", crop: int | None = None,
-    cache_dir: Path | None = None, desc: str = "decode", workers: int | None = None,
+    cache_dir: Path | None = None, desc: str = "decode", workers: int | None = None, progress: bool = True,
 ) -> DecodedSplit:
     """Decode photos once into ``side x side`` squares; reuse the on-disk cache when it matches.
 
@@ -207,7 +207,7 @@ def decode_split(
     workers = workers or os.cpu_count() or 1
     with ThreadPoolExecutor(workers) as pool:  # Pillow releases the GIL while decoding
         results = list(tqdm(pool.map(decode, samples), total=len(samples), desc=desc, unit="img",
-                            leave=False, disable=len(samples) < 50))
+                            leave=False, disable=not progress or len(samples) < 50))
     kept = [(s, r) for s, r in zip(samples, results) if isinstance(r, np.ndarray)]
     skipped = [r for r in results if isinstance(r, str)]
     for reason in skipped:
