@@ -146,7 +146,8 @@ def _build(model: Any, manifest: Manifest, data: ExportData, staging: Path, arte
             payload = driver(spec.format).export(model, spec.precision, data.calibration)
         write_bytes_atomic(path, payload)
         export_s = time.perf_counter() - t0
-        runner = driver(spec.format).Runner(path, threads=1)
+        with captured_output():  # runtimes log their CPU probing
+            runner = driver(spec.format).Runner(path, threads=1)
         io = runner.io
         problems = input_contract_problems(io, manifest.preprocess.size, manifest.num_classes)
         probs = softmax(runner(data.val_images))
