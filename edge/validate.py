@@ -98,7 +98,8 @@ def validate_bundle(bundle: str | Path, entry: dict[str, Any], threads: int | No
     agreement = float((probs.argmax(1) == expected.argmax(1)).mean())
     max_diff = float(np.abs(probs - expected).max())
     tolerance = entry.get("golden_tolerance", {"min_agreement": 1.0, "max_prob_diff": 0.01})
-    report.golden = {"count": len(inputs), "agreement": agreement, "max_prob_diff": max_diff, **tolerance}
+    report.golden = {"count": len(inputs), "agreement": agreement, "max_prob_diff": max_diff,
+                     "tolerance": tolerance}
     ok = agreement >= tolerance["min_agreement"] and max_diff <= tolerance["max_prob_diff"]
     report.add("golden outputs", ok,
                f"top-1 agrees on {agreement:.2%} of {len(inputs)} (need {tolerance['min_agreement']:.0%}), "
