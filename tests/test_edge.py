@@ -296,6 +296,11 @@ def test_validate_passes_on_a_good_bundle(bundle: Path, capsys) -> None:
         assert report.passed, report.text()
         assert [c.name for c in report.checks] == ["sha256", "tensors", "golden inputs", "golden outputs"]
         assert report.latency["runs"] >= 50 and report.latency["p90_ms"] >= report.latency["median_ms"] > 0
+        golden = report.golden
+        assert golden["count"] == len(golden_files(bundle))
+        assert golden["max_prob_diff"] <= golden["tolerance"]["max_prob_diff"]
+        if model.endswith("fp32.pte"):
+            assert golden["agreement"] == 1.0 and golden["max_prob_diff"] < 1e-4  # same runtime, same CPU
     assert classify.main(["--bundle", str(bundle), "--validate", "--model", "model_int8.onnx"]) == 0
     assert capsys.readouterr().out.strip().endswith("RESULT: PASS")
 
