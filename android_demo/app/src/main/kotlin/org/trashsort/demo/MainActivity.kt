@@ -109,7 +109,7 @@ class MainActivity : AppCompatActivity() {
         providerFuture.addListener({
             val provider = providerFuture.get()
             val preview = Preview.Builder().build().also {
-                it.surfaceProvider = findViewById<PreviewView>(R.id.preview).surfaceProvider
+                it.setSurfaceProvider(findViewById<PreviewView>(R.id.preview).surfaceProvider)
             }
             val frames = ImageAnalysis.Builder()
                 .setBackpressureStrategy(ImageAnalysis.STRATEGY_KEEP_ONLY_LATEST)
