@@ -138,6 +138,18 @@ def test_remove_and_rename(exported, tmp_path: Path) -> None:
     assert done.exit_code == 0, done.output
     removed = read_manifest(tmp_path / "runs" / f"{read_manifest(bundle)['name']}-v2")
     assert [(c["id"], c["name"]) for c in removed["classes"]] == [(0, "cardboard"), (1, "glass")]
+    run_v2 = tmp_path / "runs" / f"{read_manifest(bundle)['name']}-v2"
+    done = cli("rename-class", "--from", str(run_v2), "glass", "jars")
+    assert done.exit_code == 0, done.output
+    assert [c["name"] for c in read_manifest(run_v2)["classes"]] == ["cardboard", "jars"]
+    assert [c["name"] for c in json.loads((run_v2 / "classes.json").read_text())] == ["cardboard", "jars"]
+    done = cli("retrain-head", "--from", str(run_v2), "--runs", str(tmp_path / "runs"), "--no-export")
+    assert done.exit_code == 0, done.output
+    renamed_version = read_manifest(run_v2)["version"]  # the rename was a new manifest version
+    retrained = read_manifest(tmp_path / "runs" / f"{read_manifest(bundle)['name']}-v{renamed_version + 1}")
+    assert retrained["history"][-1]["change"] == "retrained the head on the current photos (head only)"
+    assert [c["name"] for c in retrained["classes"]] == ["cardboard", "jars"]
+
     done = cli("remove-class", "--from", str(bundle), "plastic", "--no-export")
     assert done.exit_code == 1 and "no class named ['plastic']" in done.output
 
