@@ -31,7 +31,7 @@ from dataclasses import dataclass  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from edge.bundle import BundleInvalid, input_contract_problems, verify  # noqa: E402
+from edge.bundle import BundleInvalid, input_contract_problems, read_manifest, verify  # noqa: E402
 from edge.preprocess import model_input  # noqa: E402
 from edge.runtimes import RuntimeMissing, choose_artefact, open_runner, softmax  # noqa: E402
 from edge.sources import (  # noqa: E402
@@ -176,8 +176,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from edge.bundle import read_manifest
-
     entry = choose_artefact(read_manifest(args.bundle), args.backend, args.model)
     report = validate_bundle(args.bundle, entry, args.threads, args.latency_runs)
     print(json.dumps(report.to_dict()) if args.json else report.text(), flush=True)

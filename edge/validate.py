@@ -86,10 +86,11 @@ def validate_bundle(bundle: str | Path, entry: dict[str, Any], threads: int | No
                       f"output {io['outputs'][0]['shape']} = {num_classes} classes"):
         return report
 
-    inputs = _golden_inputs(bundle, manifest, report)
-    if inputs is None:
+    golden = _golden_inputs(bundle, manifest, report)
+    if golden is None:
         return report
-    expected = np.asarray(_read_expected(bundle)["artefacts"].get(entry["file"], []), dtype=np.float64)
+    inputs, recorded = golden
+    expected = np.asarray(recorded["artefacts"].get(entry["file"], []), dtype=np.float64)
     if expected.shape != (len(inputs), num_classes):
         report.add("golden outputs", False, f"golden/expected.json has no {len(inputs)}x{num_classes} "
                                             f"probabilities for {entry['file']}")
@@ -110,14 +111,12 @@ def validate_bundle(bundle: str | Path, entry: dict[str, Any], threads: int | No
     return report
 
 
-def _read_expected(bundle: Path) -> dict[str, Any]:
-    return json.loads((bundle / "golden" / "expected.json").read_text(encoding="utf-8"))
-
-
-def _golden_inputs(bundle: Path, manifest: dict[str, Any], report: ValidationReport) -> np.ndarray | None:
-    """The golden photos through this device's preprocessing, checked byte for byte (None on failure)."""
+def _golden_inputs(bundle: Path, manifest: dict[str, Any],
+                   report: ValidationReport) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """The golden photos through this device's preprocessing, checked byte for byte, and what the
+    export recorded for them (None on failure)."""
     try:
-        expected = _read_expected(bundle)
+        expected = json.loads((bundle / "golden" / "expected.json").read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError) as e:
         report.add("golden inputs", False, f"{bundle / 'golden' / 'expected.json'}: unreadable ({e})")
         return None
@@ -134,4 +133,4 @@ def _golden_inputs(bundle: Path, manifest: dict[str, Any], report: ValidationRep
     ok = bool(inputs) and not mismatched
     report.add("golden inputs", ok, f"{len(inputs)} photos preprocess to the exported tensors byte for byte"
                if ok else f"preprocessing differs from the export's on {mismatched or 'no photos'}")
-    return np.stack(inputs) if ok else None
+    return (np.stack(inputs), expected) if ok else None

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from edge.bundle import read_manifest, sha256_file
+from edge.sources import IMAGE_SUFFIXES
 from pipeline import data as data_mod
 from pipeline.evaluate import compute_metrics
 from pipeline.manifest import ClassInfo, Manifest, Preprocess, write_bytes_atomic, write_json_atomic
@@ -145,9 +146,6 @@ def photo_files(folder: Path) -> list[Path]:
         raise HeadError(f"{folder}: photo folder not found")
     return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
                   and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 def new_class_folders(images: Path, name: str | None) -> dict[str, Path]:
@@ -294,19 +292,20 @@ def retrain_head(source: Source, sources: list[ClassSource], manifest: Manifest,
 
     t = time.perf_counter()
     head_layer = model.model.get_classifier()
+    rows = _source_rows(source, sources)
     prior = (head_layer.weight.detach().numpy(), head_layer.bias.detach().numpy(),
-             _to_old_index(source, sources, np.arange(len(sources))))
+             rows)
     weight, bias = fit_head(feats["train"], decoded["train"].labels, manifest.num_classes, prior)
     timings["fit_head"] = time.perf_counter() - t
 
     val_labels = decoded["val"].labels
     old_k = source.manifest.num_classes
-    old_mask = _old_class_mask(source, sources, val_labels)
+    old_mask = rows[val_labels] >= 0  # val photos of classes the source model already had
     # A linear head on the embeddings is what the model computes after its backbone (eval mode), so
     # val is scored from the embeddings already at hand; the export's gate runs the full model.
     val_feats = torch.from_numpy(feats["val"])
     before = (val_feats[old_mask] @ head_layer.weight.detach().T + head_layer.bias.detach()).argmax(1).numpy()
-    old_labels_in_old_order = _to_old_index(source, sources, val_labels[old_mask])
+    old_labels_in_old_order = rows[val_labels[old_mask]]
 
     new_model = ContractModel(_clone(model.model), pre)
     install_head(new_model, weight, bias)
@@ -354,17 +353,10 @@ def _check_counts(folder: data_mod.ImageFolder, new_sources: list[ClassSource], 
             raise HeadError(f"{src.folder}: class {src.name!r} has no validation photo")
 
 
-def _old_class_mask(source: Source, sources: list[ClassSource], labels: np.ndarray) -> np.ndarray:
-    """Val photos of classes the source model already had (unchanged data), to compare before/after."""
-    old = {(s.name, s.folder) for s in source.classes}
-    keep = np.array([(s.name, s.folder) in old for s in sources])
-    return keep[labels] if len(labels) else np.zeros(0, bool)
-
-
-def _to_old_index(source: Source, sources: list[ClassSource], labels: np.ndarray) -> np.ndarray:
+def _source_rows(source: Source, sources: list[ClassSource]) -> np.ndarray:
+    """For each class of the change, its row in the source model's head (-1: new, or new photos)."""
     old_index = {(s.name, s.folder): i for i, s in enumerate(source.classes)}
-    mapping = np.array([old_index.get((s.name, s.folder), -1) for s in sources])
-    return mapping[labels]
+    return np.array([old_index.get((s.name, s.folder), -1) for s in sources], dtype=np.int64)
 
 
 def _clone(net: torch.nn.Module) -> torch.nn.Module:
