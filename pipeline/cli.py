@@ -37,6 +37,13 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def fail_on_gate(failures: dict[str, str]) -> None:
+    """Exit 1 naming every artefact the parity gate left out, and why."""
+    if failures:
+        reasons = "; ".join(f"{file}: {why}" for file, why in failures.items())
+        raise click.ClickException(f"parity gate failed, left out of the bundle: {reasons}")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", is_flag=True, help="Log more (decoding, resume, each epoch).")
 def main(verbose: bool) -> None:
@@ -220,9 +227,7 @@ def export(checkpoint: Path, data: Path | None, out_dir: str, formats: str | Non
         thresholds=Thresholds(fp32_min_agreement, int8_max_drop))
     if result.path is not None:
         click.echo(bundle_mod.summary_line(result))
-    if result.failures:
-        reasons = "; ".join(f"{file}: {why}" for file, why in result.failures.items())
-        raise click.ClickException(f"parity gate failed, left out of the bundle: {reasons}")
+    fail_on_gate(result.failures)
 
 
 @main.command()
@@ -305,9 +310,7 @@ def _finish_head_change(result: Any, source: Any, formats: str | None, out_dir: 
         failures = export.failures
     seconds["total"] = round(time.perf_counter() - started, 2)
     click.echo("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
-    if failures:
-        reasons = "; ".join(f"{file}: {why}" for file, why in failures.items())
-        raise click.ClickException(f"parity gate failed, left out of the bundle: {reasons}")
+    fail_on_gate(failures)
 
 
 @main.command("add-class")
