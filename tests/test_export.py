@@ -201,3 +201,34 @@ def test_select_artefacts() -> None:
     assert [a.file for a in select("onnx-int8,executorch-fp32")] == ["model_fp32.pte", "model_int8.onnx"]
     with pytest.raises(ValueError, match="unknown artefact"):
         select("coreml")
+
+
+def test_executorch_int8_observes_relu6_after_the_clamp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A conv whose output spans far more than [0, 6] before ReLU6 keeps a fine INT8 step after it."""
+    import torch
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
+
+    from pipeline.export import executorch as et_driver
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+    torch.nn.init.normal_(conv.weight, std=5.0)
+    model = torch.nn.Sequential(conv, torch.nn.ReLU6()).eval()
+    calibration = torch.rand(16, 3, 16, 16) * 2 - 1
+    exported = torch.export.export(model, (calibration[:1],))
+
+    def int8_error() -> float:
+        quantized = et_driver._quantize(exported, calibration.numpy())
+        with torch.no_grad():
+            int8_out = torch.cat([quantized(x[None]) for x in calibration])
+            return float((int8_out - model(calibration)).abs().mean())
+
+    with torch.no_grad():
+        assert float(conv(calibration).abs().max()) > 30  # a step of > 0.2 over the pre-clamp range
+    quantized = et_driver._quantize(exported, calibration.numpy())
+    scales = [n.args[1] for n in quantized.graph.nodes
+              if "quantize_per_tensor" in str(n.target) and n.args[0].name.startswith("hardtanh")]
+    assert scales and max(scales) <= 6.0 / 255 * 1.01, scales
+    ours = int8_error()
+    monkeypatch.setattr(et_driver, "Relu6AwareQuantizer", XNNPACKQuantizer)
+    assert ours < 0.5 * int8_error()

@@ -2,13 +2,27 @@
 
 INT8 uses ``XNNPACKQuantizer`` (per-channel symmetric weights, per-tensor activations), calibrated
 on real preprocessed training photos, never random tensors.
+
+ReLU6 (``hardtanh``) after a conv is quantized the way the quantizer quantizes conv -> ReLU: one
+observer on the clamp's output. Out of the box hardtanh shares its input's observer, so every
+conv of a ReLU6 network (EfficientNet-Lite0) was quantized over its pre-clamp range, often ten
+times wider than [0, 6]: val top-1 88.9 % against 93.9 % in PyTorch; 93.1 % with the fused
+observer. XNNPACK fuses the clamp into the conv either way.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+    CONV_TARGETS,
+    XNNPACKQuantizer,
+    get_symmetric_quantization_config,
+)
 from torch import nn
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 
 from edge.runtimes import ExecuTorchRunner as Runner  # noqa: F401  (the driver interface)
 from pipeline.export import check_precision
@@ -24,15 +38,31 @@ def export(model: nn.Module, precision: str, calibration: np.ndarray) -> bytes:
     return _lower(exported)
 
 
+CLAMPS = {torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default}
+
+
+class Relu6AwareQuantizer(XNNPACKQuantizer):
+    """XNNPACKQuantizer with conv -> hardtanh observed after the clamp (see the module docstring)."""
+
+    def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        model = super().annotate(model)
+        for node in model.graph.nodes:
+            if node.op != "call_function" or node.target not in CLAMPS:
+                continue
+            conv = node.args[0]
+            annotation = conv.meta.get(Q_ANNOTATION_KEY)
+            if (conv.target not in CONV_TARGETS or len(conv.users) > 1 or annotation is None
+                    or annotation.output_qspec is None):
+                continue
+            node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(output_qspec=annotation.output_qspec,
+                                                                 _annotated=True)
+            annotation.output_qspec = None
+        return model
+
+
 def _quantize(exported: torch.export.ExportedProgram, calibration: np.ndarray) -> nn.Module:
     """PT2E: prepare with XNNPACKQuantizer, run the calibration photos, convert."""
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-        XNNPACKQuantizer,
-        get_symmetric_quantization_config,
-    )
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    quantizer = Relu6AwareQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
     prepared = prepare_pt2e(exported.module(), quantizer)
     with torch.no_grad():
         for image in calibration:  # batch 1: the exported shape
