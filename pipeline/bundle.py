@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -40,6 +41,8 @@ from pipeline.evaluate import predict_probs
 from pipeline.export import ARTEFACTS, ArtefactSpec, driver
 from pipeline.manifest import Manifest, Preprocess, write_bytes_atomic, write_json_atomic
 from pipeline.validate import Thresholds, gate, parity
+
+log = logging.getLogger(__name__)
 
 # How closely a device must reproduce the golden probabilities recorded here (other CPUs, other
 # kernels: fp32 differs in the last bits, INT8 by a rounding step here and there).
@@ -84,11 +87,9 @@ def stratified_pick(labels: np.ndarray, count: int, seed: int = 0) -> np.ndarray
 def load_export_data(folder: data_mod.ImageFolder, preprocess: Preprocess, calibration_count: int = 200,
                      golden_count: int = 24, seed: int = 0, progress: bool = True) -> ExportData:
     """Decode (through the cache) val and train; pick calibration and golden photos, stratified."""
-    side, size = preprocess.resize_shorter_to, preprocess.size[0]
-    val = data_mod.decode_split(folder.split("val"), side, preprocess.interpolation, size, desc="decode val",
-                                progress=progress)
-    train = data_mod.decode_split(folder.split("train"), side, preprocess.interpolation, size,
-                                  desc="decode train", progress=progress)
+    size = preprocess.size[0]
+    decoded = data_mod.decode_splits(folder, preprocess, progress=progress)
+    train, val = decoded["train"], decoded["val"]
     if len(val.labels) == 0 or len(train.labels) == 0:
         raise BundleError(f"{folder.root}: export needs readable train (calibration) and val (gate) photos")
     calib = stratified_pick(train.labels, calibration_count, seed)
@@ -286,9 +287,16 @@ def export_run(checkpoint: str | Path, data: str | Path | None = None, calibrati
         folder = data_mod.scan_folder(data or cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
     check_classes_match(manifest, folder.classes, str(folder.root))
     manifest.model.checkpoint = str((run_dir / "checkpoint.pt").resolve())  # head retraining starts here
+    progress = bundle_options.get("progress", True)
     export_data = load_export_data(folder, manifest.preprocess, calibration_count, golden_count, cfg.seed,
-                                   progress=bundle_options.get("progress", True))
-    return build_bundle(model, manifest, export_data, **bundle_options)
+                                   progress=progress)
+    result = build_bundle(model, manifest, export_data, **bundle_options)
+    if result.path is not None:
+        from pipeline.head import warm_embedding_cache
+
+        new = warm_embedding_cache(model, manifest, folder, progress=progress)
+        log.info("embedding cache for head retraining: %d photo(s) embedded", new)
+    return result
 
 
 def rewrite_manifest(bundle: str | Path, manifest: Manifest, renames: dict[str, str] | None = None,

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from edge.preprocess import ImageDecodeError, load_rgb, resize_shorter, square_for_crop
-from pipeline.manifest import write_bytes_atomic, write_json_atomic
+from pipeline.manifest import Preprocess, write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +220,15 @@ def decode_split(
     write_json_atomic(meta_path, {"labels": decoded.labels.tolist(), "paths": decoded.paths,
                                   "skipped": skipped})
     return decoded
+
+
+def decode_splits(folder: ImageFolder, preprocess: Preprocess, cache_dir: Path | None = None,
+                  progress: bool = True) -> dict[str, DecodedSplit]:
+    """``train`` and ``val`` of a folder, decoded (through the cache) for a model's preprocessing."""
+    return {split: decode_split(folder.split(split), preprocess.resize_shorter_to, preprocess.interpolation,
+                                preprocess.size[0], cache_dir=cache_dir, desc=f"decode {split}",
+                                progress=progress)
+            for split in ("train", "val")}
 
 
 def _cache_key(samples: Sequence[Sample], side: int, interpolation: str, crop: int) -> str:

@@ -137,10 +137,8 @@ def _run(cfg: TrainConfig, run_dir: Path, progress: bool) -> RunResult:
     model, model_info = create_model(cfg.model, len(folder.classes), pretrained=cfg.pretrained,
                                      weights=cfg.weights, drop_rate=cfg.drop_rate)
     preprocess = preprocess_for(model, cfg.size)
-    size, side = preprocess.size[0], preprocess.resize_shorter_to
-    decoded = {split: data_mod.decode_split(folder.split(split), side, preprocess.interpolation, size,
-                                            desc=f"decode {split}")
-               for split in ("train", "val")}
+    size = preprocess.size[0]
+    decoded = data_mod.decode_splits(folder, preprocess, progress=progress)
     train_set, val_set = decoded["train"], decoded["val"]
     if len(train_set.labels) == 0:
         raise data_mod.DatasetError(f"{cfg.data}: no readable training photos")

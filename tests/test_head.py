@@ -86,6 +86,17 @@ def test_second_add_embeds_only_the_new_photos(exported, tmp_path: Path) -> None
     assert backbone_sha256(second.model.model) == backbone_sha256(first.model.model)
 
 
+def test_export_warms_the_cache_so_the_first_add_embeds_only_new_photos(exported, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    monkeypatch.setenv("TRASHSORT_CACHE", str(exported["cache"]))  # the cache the export used
+    battery = photos(tmp_path / "battery", 12, (200, 30, 30))
+    result = head.add_classes(head.load_source(exported["run"].run_dir), {"battery": battery},
+                              out_dir=tmp_path / "runs")
+    assert result.report["embeddings"]["computed"] == 12
+    base_photos = len(exported["run"].manifest.class_names) * 24  # the fixture's data: 24 per class
+    assert result.report["embeddings"]["cached"] == base_photos
+
+
 def test_cache_from_another_backbone_is_rebuilt_not_mixed(exported, tmp_path: Path, caplog) -> None:
     source = head.load_source(exported["run"].run_dir)
     backbone = backbone_sha256(source.model.model)
