@@ -291,7 +291,7 @@ def export_run(checkpoint: str | Path, data: str | Path | None = None, calibrati
     export_data = load_export_data(folder, manifest.preprocess, calibration_count, golden_count, cfg.seed,
                                    progress=progress)
     result = build_bundle(model, manifest, export_data, **bundle_options)
-    if result.path is not None:
+    if result.path is not None and not (run_dir / "classes.json").is_file():  # a head run filled it already
         from pipeline.head import warm_embedding_cache
 
         new = warm_embedding_cache(model, manifest, folder, progress=progress)
