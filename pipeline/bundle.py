@@ -63,6 +63,7 @@ class ExportData:
     calibration: np.ndarray  # uint8 (M, H, W, 3), real training photos
     golden_squares: np.ndarray  # uint8 (G, S, S, 3): shorter side already resized, before the crop
     golden_labels: np.ndarray
+    decoded: dict[str, data_mod.DecodedSplit]  # train and val as decoded (for the embedding cache)
 
 
 @dataclass
@@ -97,7 +98,7 @@ def load_export_data(folder: data_mod.ImageFolder, preprocess: Preprocess, calib
     return ExportData(
         val_images=data_mod.center_crops(val.images, size), val_labels=val.labels,
         calibration=np.ascontiguousarray(data_mod.center_crops(train.images[calib], size)),
-        golden_squares=val.images[golden], golden_labels=val.labels[golden],
+        golden_squares=val.images[golden], golden_labels=val.labels[golden], decoded=decoded,
     )
 
 
@@ -294,7 +295,7 @@ def export_run(checkpoint: str | Path, data: str | Path | None = None, calibrati
     if result.path is not None and not (run_dir / "classes.json").is_file():  # a head run filled it already
         from pipeline.head import warm_embedding_cache
 
-        new = warm_embedding_cache(model, manifest, folder, progress=progress)
+        new = warm_embedding_cache(model, manifest, export_data.decoded)
         log.info("embedding cache for head retraining: %d photo(s) embedded", new)
     return result
 

@@ -225,12 +225,11 @@ def embed_splits(model: ContractModel, backbone: str, preprocess: Preprocess,
     return feats, computed, cache
 
 
-def warm_embedding_cache(model: ContractModel, manifest: Manifest, folder: data_mod.ImageFolder,
-                         cache_dir: Path | None = None, progress: bool = True) -> int:
-    """Embed every photo of an exported model's data now, so that the first add-class after an
-    export embeds only its new photos (seconds instead of a minute). Returns how many were new."""
-    decoded = data_mod.decode_splits(folder, manifest.preprocess, cache_dir, progress)
-    return embed_splits(model, backbone_sha256(model.model), manifest.preprocess, decoded, cache_dir)[1]
+def warm_embedding_cache(model: ContractModel, manifest: Manifest,
+                         decoded: dict[str, data_mod.DecodedSplit]) -> int:
+    """Embed every photo an export decoded, so that the first add-class after the export embeds
+    only its new photos (seconds instead of a minute). Returns how many were not cached yet."""
+    return embed_splits(model, backbone_sha256(model.model), manifest.preprocess, decoded)[1]
 
 
 # ------------------------------------------------------------------ the head
