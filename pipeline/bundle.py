@@ -288,9 +288,8 @@ def export_run(checkpoint: str | Path, data: str | Path | None = None, calibrati
         folder = data_mod.scan_folder(data or cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
     check_classes_match(manifest, folder.classes, str(folder.root))
     manifest.model.checkpoint = str((run_dir / "checkpoint.pt").resolve())  # head retraining starts here
-    progress = bundle_options.get("progress", True)
     export_data = load_export_data(folder, manifest.preprocess, calibration_count, golden_count, cfg.seed,
-                                   progress=progress)
+                                   progress=bundle_options.get("progress", True))
     result = build_bundle(model, manifest, export_data, **bundle_options)
     if result.path is not None and not (run_dir / "classes.json").is_file():  # a head run filled it already
         from pipeline.head import warm_embedding_cache
