@@ -86,14 +86,27 @@ def stratified_pick(labels: np.ndarray, count: int, seed: int = 0) -> np.ndarray
 
 
 def load_export_data(folder: data_mod.ImageFolder, preprocess: Preprocess, calibration_count: int = 200,
-                     golden_count: int = 24, seed: int = 0, progress: bool = True) -> ExportData:
-    """Decode (through the cache) val and train; pick calibration and golden photos, stratified."""
+                     golden_count: int = 24, seed: int = 0, progress: bool = True,
+                     whole_train: bool = True) -> ExportData:
+    """Decode (through the cache) val and train; pick calibration and golden photos, stratified.
+
+    ``whole_train=False`` decodes only the calibration photos of train (a head change: its photos
+    are embedded already, and decoding all of them would be most of the change's time)."""
     size = preprocess.size[0]
-    decoded = data_mod.decode_splits(folder, preprocess, progress=progress)
-    train, val = decoded["train"], decoded["val"]
+    if whole_train:
+        decoded = data_mod.decode_splits(folder, preprocess, progress=progress)
+        train, val = decoded["train"], decoded["val"]
+        calib = stratified_pick(train.labels, calibration_count, seed)
+    else:
+        samples = folder.split("train")
+        picked = stratified_pick(np.array([s.label for s in samples], dtype=np.int64), calibration_count, seed)
+        decoded = {split: data_mod.decode_split(chosen, preprocess.resize_shorter_to, preprocess.interpolation,
+                                                size, desc=f"decode {split}", progress=progress)
+                   for split, chosen in (("train", [samples[i] for i in picked]), ("val", folder.split("val")))}
+        train, val = decoded["train"], decoded["val"]
+        calib = np.arange(len(train.labels))
     if len(val.labels) == 0 or len(train.labels) == 0:
         raise BundleError(f"{folder.root}: export needs readable train (calibration) and val (gate) photos")
-    calib = stratified_pick(train.labels, calibration_count, seed)
     golden = stratified_pick(val.labels, golden_count, seed)
     return ExportData(
         val_images=data_mod.center_crops(val.images, size), val_labels=val.labels,
@@ -288,10 +301,11 @@ def export_run(checkpoint: str | Path, data: str | Path | None = None, calibrati
         folder = data_mod.scan_folder(data or cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
     check_classes_match(manifest, folder.classes, str(folder.root))
     manifest.model.checkpoint = str((run_dir / "checkpoint.pt").resolve())  # head retraining starts here
+    head_run = (run_dir / "classes.json").is_file()  # its photos are embedded already
     export_data = load_export_data(folder, manifest.preprocess, calibration_count, golden_count, cfg.seed,
-                                   progress=bundle_options.get("progress", True))
+                                   progress=bundle_options.get("progress", True), whole_train=not head_run)
     result = build_bundle(model, manifest, export_data, **bundle_options)
-    if result.path is not None and not (run_dir / "classes.json").is_file():  # a head run filled it already
+    if result.path is not None and not head_run:
         from pipeline.head import warm_embedding_cache
 
         new = warm_embedding_cache(model, manifest, export_data.decoded)

@@ -336,7 +336,7 @@ def add_class(source: Path, runs_dir: str, out_dir: str, formats: str | None, ca
     src = head.load_source(source)
     new = head.new_class_folders(images, name)
     result = head.add_classes(src, new, streams={n: stream for n in new}, replace=replace, out_dir=runs_dir,
-                              min_photos=min_photos)
+                              min_photos=min_photos, progress=not quiet)
     _finish_head_change(result, src, formats, out_dir, calibration_count, no_export, force, quiet, started)
 
 
@@ -353,7 +353,7 @@ def retrain_head(source: Path, runs_dir: str, out_dir: str, formats: str | None,
 
     started = time.perf_counter()
     src = head.load_source(source)
-    result = head.retrain_only(src, out_dir=runs_dir)
+    result = head.retrain_only(src, out_dir=runs_dir, progress=not quiet)
     _finish_head_change(result, src, formats, out_dir, calibration_count, no_export, force, quiet, started)
 
 
@@ -370,7 +370,7 @@ def remove_class(source: Path, runs_dir: str, out_dir: str, formats: str | None,
 
     started = time.perf_counter()
     src = head.load_source(source)
-    result = head.remove_classes(src, list(names), out_dir=runs_dir)
+    result = head.remove_classes(src, list(names), out_dir=runs_dir, progress=not quiet)
     _finish_head_change(result, src, formats, out_dir, calibration_count, no_export, force, quiet, started)
 
 

@@ -225,6 +225,35 @@ def embed_splits(model: ContractModel, backbone: str, preprocess: Preprocess,
     return feats, computed, cache
 
 
+Splits = dict[str, np.ndarray]
+
+
+def embed_folder(model: ContractModel, backbone: str, preprocess: Preprocess, folder: data_mod.ImageFolder,
+                 cache_dir: Path | None = None, progress: bool = True,
+                 ) -> tuple[Splits, Splits, int, EmbeddingCache]:
+    """Each split's embeddings and labels, decoding only the photos whose embedding is not cached
+    (after an export, just the new class's photos: decoding all of them took most of a change's time)."""
+    cache = EmbeddingCache(backbone, preprocess, (cache_dir / "embeddings") if cache_dir else None)
+    feats, labels, computed = {}, {}, 0
+    for split in ("train", "val"):
+        samples = folder.split(split)
+        keys = {s.path: sha256_file(s.path) for s in samples}
+        missing = [s for s in samples if keys[s.path] not in cache.vectors]
+        if missing:  # unreadable photos are skipped (with a warning) and never cached
+            dec = data_mod.decode_split(missing, preprocess.resize_shorter_to, preprocess.interpolation,
+                                        preprocess.size[0], cache_dir=cache_dir, desc=f"decode {split}",
+                                        progress=progress)
+            images = data_mod.center_crops(dec.images, preprocess.size[0])
+            computed += cached_embeddings(model, images, [keys[Path(p)] for p in dec.paths], cache)[1]
+        kept = [s for s in samples if keys[s.path] in cache.vectors]
+        feats[split] = (np.stack([cache.vectors[keys[s.path]] for s in kept]) if kept
+                        else np.zeros((0, model.model.num_features), np.float32))
+        labels[split] = np.array([s.label for s in kept], dtype=np.int64)
+    if computed:
+        cache.save()
+    return feats, labels, computed, cache
+
+
 def warm_embedding_cache(model: ContractModel, manifest: Manifest,
                          decoded: dict[str, data_mod.DecodedSplit]) -> int:
     """Embed every photo an export decoded, so that the first add-class after the export embeds
@@ -282,7 +311,7 @@ def install_head(model: ContractModel, weight: torch.Tensor, bias: torch.Tensor)
 # ------------------------------------------------------------------ a head change, end to end
 
 def retrain_head(source: Source, sources: list[ClassSource], manifest: Manifest, out_dir: str | Path = "runs",
-                 cache_dir: Path | None = None, min_photos: int = MIN_PHOTOS) -> HeadResult:
+                 cache_dir: Path | None = None, min_photos: int = MIN_PHOTOS, progress: bool = True) -> HeadResult:
     """Fit a new head for ``sources`` (the classes of ``manifest``, in order) on the frozen backbone,
     and save it as a new run folder. The report holds val metrics, old-class accuracy before and
     after, the backbone hash before and after, and the time of each phase."""
@@ -296,22 +325,21 @@ def retrain_head(source: Source, sources: list[ClassSource], manifest: Manifest,
     known = {(s.name, s.folder) for s in source.classes}
     _check_counts(folder, [s for s in sources if (s.name, s.folder) not in known], min_photos)
     pre = manifest.preprocess
-    decoded = data_mod.decode_splits(folder, pre, cache_dir)
-    timings["decode"] = time.perf_counter() - t
+    timings["scan"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    feats, computed, cache = embed_splits(model, backbone_before, pre, decoded, cache_dir)
-    timings["embed"] = time.perf_counter() - t
+    feats, labels, computed, cache = embed_folder(model, backbone_before, pre, folder, cache_dir, progress)
+    timings["decode_embed"] = time.perf_counter() - t
 
     t = time.perf_counter()
     head_layer = model.model.get_classifier()
     rows = _source_rows(source, sources)
     prior = (head_layer.weight.detach().numpy(), head_layer.bias.detach().numpy(),
              rows)
-    weight, bias = fit_head(feats["train"], decoded["train"].labels, manifest.num_classes, prior)
+    weight, bias = fit_head(feats["train"], labels["train"], manifest.num_classes, prior)
     timings["fit_head"] = time.perf_counter() - t
 
-    val_labels = decoded["val"].labels
+    val_labels = labels["val"]
     old_k = source.manifest.num_classes
     old_mask = rows[val_labels] >= 0  # val photos of classes the source model already had
     # A linear head on the embeddings is what the model computes after its backbone (eval mode), so

@@ -13,8 +13,11 @@ from click.testing import CliRunner
 
 from edge import classify
 from edge.bundle import read_manifest, verify
+from pipeline import data as data_mod
 from pipeline import head
+from pipeline.bundle import export_run
 from pipeline.cli import main
+from pipeline.export import select
 from pipeline.model import backbone_sha256, classifier_prefix
 from pipeline.train import load_checkpoint
 from tests.conftest import make_photo
@@ -89,12 +92,30 @@ def test_second_add_embeds_only_the_new_photos(exported, tmp_path: Path) -> None
 def test_export_warms_the_cache_so_the_first_add_embeds_only_new_photos(exported, tmp_path: Path,
                                                                         monkeypatch) -> None:
     monkeypatch.setenv("TRASHSORT_CACHE", str(exported["cache"]))  # the cache the export used
+    decoded: list[str] = []  # every photo decoded from here on
+    real_decode = data_mod.decode_split
+
+    def spy(samples, *args, **kwargs):
+        decoded.extend(str(s.path) for s in samples)
+        return real_decode(samples, *args, **kwargs)
+
+    monkeypatch.setattr(data_mod, "decode_split", spy)
     battery = photos(tmp_path / "battery", 12, (200, 30, 30))
     result = head.add_classes(head.load_source(exported["run"].run_dir), {"battery": battery},
                               out_dir=tmp_path / "runs")
     assert result.report["embeddings"]["computed"] == 12
     base_photos = len(exported["run"].manifest.class_names) * 24  # the fixture's data: 24 per class
     assert result.report["embeddings"]["cached"] == base_photos
+    # Only the new photos were decoded: the cached ones are not even opened.
+    assert sorted(decoded) == sorted(str(p) for p in battery.iterdir())
+
+    # Its export decodes val (the gate) and the calibration photos of train, not the whole train split.
+    decoded.clear()
+    export_run(result.run_dir, calibration_count=8, out_dir=tmp_path / "dist", artefacts=select("onnx-fp32"),
+               progress=False)
+    val = {str(s.path) for s in result.folder.split("val")}
+    train = {str(s.path) for s in result.folder.split("train")}
+    assert val <= set(decoded) and 0 < len(set(decoded) & train) <= 8 < len(train)
 
 
 def test_cache_from_another_backbone_is_rebuilt_not_mixed(exported, tmp_path: Path, caplog) -> None:
