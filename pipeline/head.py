@@ -194,8 +194,8 @@ def embed(model: ContractModel, images: np.ndarray, batch_size: int = 64) -> np.
     net = model.eval().model
     out = []
     for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.array(images[start:start + batch_size])).permute(0, 3, 1, 2).float() / 255.0
-        out.append(net.forward_head(net.forward_features(model.normalize(x)), pre_logits=True).numpy())
+        x = model.inputs(torch.from_numpy(np.array(images[start:start + batch_size])))
+        out.append(net.forward_head(net.forward_features(x), pre_logits=True).numpy())
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, net.num_features), np.float32)
 
 

@@ -168,11 +168,18 @@ class ContractModel(nn.Module):
     def __init__(self, model: nn.Module, preprocess: Preprocess) -> None:
         super().__init__()
         self.model = model
-        self.normalize = Normalize(preprocess.input.mean, preprocess.input.std)
+        mean, std = torch.tensor(preprocess.input.mean), torch.tensor(preprocess.input.std)
+        # (x / 255 - mean) / std as one multiply-add on the NHWC pixels, cast first: ExecuTorch runs
+        # the uint8 -> float cast outside XNNPACK, and a uint8 permute before it would run there too.
+        self.register_buffer("scale", (1.0 / (255.0 * std)).view(1, 1, 1, 3))
+        self.register_buffer("shift", (-mean / std).view(1, 1, 1, 3))
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC pixels -> the network's normalized float NCHW input."""
+        return (x.float() * self.scale + self.shift).permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 3, 1, 2).float() / 255.0
-        return self.model(self.normalize(x))
+        return self.model(self.inputs(x))
 
 
 def state_sha256(state: dict[str, torch.Tensor]) -> str:
