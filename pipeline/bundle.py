@@ -93,18 +93,15 @@ def load_export_data(folder: data_mod.ImageFolder, preprocess: Preprocess, calib
     ``whole_train=False`` decodes only the calibration photos of train (a head change: its photos
     are embedded already, and decoding all of them would be most of the change's time)."""
     size = preprocess.size[0]
-    if whole_train:
-        decoded = data_mod.decode_splits(folder, preprocess, progress=progress)
-        train, val = decoded["train"], decoded["val"]
-        calib = stratified_pick(train.labels, calibration_count, seed)
-    else:
-        samples = folder.split("train")
-        picked = stratified_pick(np.array([s.label for s in samples], dtype=np.int64), calibration_count, seed)
-        decoded = {split: data_mod.decode_split(chosen, preprocess.resize_shorter_to, preprocess.interpolation,
-                                                size, desc=f"decode {split}", progress=progress)
-                   for split, chosen in (("train", [samples[i] for i in picked]), ("val", folder.split("val")))}
-        train, val = decoded["train"], decoded["val"]
-        calib = np.arange(len(train.labels))
+    if not whole_train:
+        train_samples = folder.split("train")
+        labels = np.array([s.label for s in train_samples], dtype=np.int64)
+        calibration_samples = [train_samples[i] for i in stratified_pick(labels, calibration_count, seed)]
+        folder = data_mod.ImageFolder(folder.root, folder.classes, calibration_samples + folder.split("val"),
+                                      folder.split_source)
+    decoded = data_mod.decode_splits(folder, preprocess, progress=progress)
+    train, val = decoded["train"], decoded["val"]
+    calib = stratified_pick(train.labels, calibration_count, seed) if whole_train else np.arange(len(train.labels))
     if len(val.labels) == 0 or len(train.labels) == 0:
         raise BundleError(f"{folder.root}: export needs readable train (calibration) and val (gate) photos")
     golden = stratified_pick(val.labels, golden_count, seed)
