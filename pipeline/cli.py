@@ -139,8 +139,7 @@ def evaluate(checkpoint: Path, data: Path | None, split: str, out_dir: Path | No
             raise click.ClickException(f"{cfg.data}: no photos in split {split!r}")
     check_classes_match(manifest, folder.classes, str(data or folder.root))
     pre = manifest.preprocess
-    decoded = data_mod.decode_split(samples, pre.resize_shorter_to, pre.interpolation, pre.size[0],
-                                     desc="decode")
+    decoded = data_mod.decode_for(samples, pre)
     images = data_mod.center_crops(decoded.images, pre.size[0])
     metrics = compute_metrics(decoded.labels, predict_probs(model, images, progress=True),
                               manifest.class_names)

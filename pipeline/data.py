@@ -222,12 +222,17 @@ def decode_split(
     return decoded
 
 
+def decode_for(samples: Sequence[Sample], preprocess: Preprocess, cache_dir: Path | None = None,
+               desc: str = "decode", progress: bool = True) -> DecodedSplit:
+    """``decode_split`` with the resize, interpolation and crop of a model's preprocessing."""
+    return decode_split(samples, preprocess.resize_shorter_to, preprocess.interpolation, preprocess.size[0],
+                        cache_dir=cache_dir, desc=desc, progress=progress)
+
+
 def decode_splits(folder: ImageFolder, preprocess: Preprocess, cache_dir: Path | None = None,
                   progress: bool = True) -> dict[str, DecodedSplit]:
     """``train`` and ``val`` of a folder, decoded (through the cache) for a model's preprocessing."""
-    return {split: decode_split(folder.split(split), preprocess.resize_shorter_to, preprocess.interpolation,
-                                preprocess.size[0], cache_dir=cache_dir, desc=f"decode {split}",
-                                progress=progress)
+    return {split: decode_for(folder.split(split), preprocess, cache_dir, f"decode {split}", progress)
             for split in ("train", "val")}
 
 

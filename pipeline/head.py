@@ -240,9 +240,7 @@ def embed_folder(model: ContractModel, backbone: str, preprocess: Preprocess, fo
         keys = {s.path: sha256_file(s.path) for s in samples}
         missing = [s for s in samples if keys[s.path] not in cache.vectors]
         if missing:  # unreadable photos are skipped (with a warning) and never cached
-            dec = data_mod.decode_split(missing, preprocess.resize_shorter_to, preprocess.interpolation,
-                                        preprocess.size[0], cache_dir=cache_dir, desc=f"decode {split}",
-                                        progress=progress)
+            dec = data_mod.decode_for(missing, preprocess, cache_dir, f"decode {split}", progress)
             images = data_mod.center_crops(dec.images, preprocess.size[0])
             computed += cached_embeddings(model, images, [keys[Path(p)] for p in dec.paths], cache)[1]
         kept = [s for s in samples if keys[s.path] in cache.vectors]
