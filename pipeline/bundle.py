@@ -39,6 +39,7 @@ from edge.runtimes import measure_latency, softmax
 from pipeline import data as data_mod
 from pipeline.evaluate import predict_probs
 from pipeline.export import ARTEFACTS, ArtefactSpec, driver
+from pipeline.export.equalize import equalize_activations
 from pipeline.manifest import Manifest, Preprocess, write_bytes_atomic, write_json_atomic
 from pipeline.validate import Thresholds, gate, parity
 
@@ -148,14 +149,19 @@ def _build(model: Any, manifest: Manifest, data: ExportData, staging: Path, arte
     golden_inputs = data_mod.center_crops(data.golden_squares, manifest.preprocess.size[0])
     golden_reference = predict_probs(model, golden_inputs)
 
+    # INT8 drivers quantize a float-identical copy with equalized activation ranges (see equalize.py)
+    int8_model, equalized = (equalize_activations(model, data.calibration)
+                             if any(a.precision == "int8" for a in artefacts) else (None, 0))
+
     entries, golden_probs, failures = [], {}, {}
     bar = tqdm(artefacts, desc="export", unit="artefact", disable=not progress)
     for spec in bar:
         bar.set_postfix_str(spec.file)
         path = staging / spec.file
+        source = int8_model if spec.precision == "int8" else model
         t0 = time.perf_counter()
         with captured_output():  # the converters' own logs; shown only if the export fails
-            payload = driver(spec.format).export(model, spec.precision, data.calibration)
+            payload = driver(spec.format).export(source, spec.precision, data.calibration)
         write_bytes_atomic(path, payload)
         export_s = time.perf_counter() - t0
         with captured_output():  # runtimes log their CPU probing
@@ -177,6 +183,7 @@ def _build(model: Any, manifest: Manifest, data: ExportData, staging: Path, arte
             "bytes": path.stat().st_size, "sha256": sha256_file(path), **io,
             "val": result, "latency_1thread": latency, "export_seconds": round(export_s, 1),
             "golden_tolerance": GOLDEN_TOLERANCE[spec.precision],
+            **({"equalized_relu_boundaries": equalized} if spec.precision == "int8" else {}),
         })
         tqdm.write(f"  ok   {spec.file}: {path.stat().st_size / 1e6:.2f} MB, val top-1 {result['top1']:.4f}, "
                    f"agreement {result['agreement']:.4f}, {latency['median_ms']:.2f} ms")
