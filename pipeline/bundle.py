@@ -116,9 +116,13 @@ def load_export_data(folder: data_mod.ImageFolder, preprocess: Preprocess, calib
 def build_bundle(
     model: Any, manifest: Manifest, data: ExportData, out_dir: str | Path = "dist",
     artefacts: tuple[ArtefactSpec, ...] = ARTEFACTS, thresholds: Thresholds | None = None,
-    force: bool = False, progress: bool = True,
+    force: bool = False, progress: bool = True, head_source: str | Path | None = None,
 ) -> BundleResult:
-    """Export, gate and bundle. Artefacts that fail the gate are left out and listed in the result."""
+    """Export, gate and bundle. Artefacts that fail the gate are left out and listed in the result.
+
+    ``head_source``: the bundle a head change started from. Its fp32 artefacts, if their driver can
+    write a new classifier into them and the backbone and preprocessing are this model's, are reused
+    with the new head instead of being converted again; they are gated like any export."""
     thresholds = thresholds or Thresholds()
     final = Path(out_dir) / f"{manifest.name}-v{manifest.version}"
     if final.exists() and not force:
@@ -128,7 +132,8 @@ def build_bundle(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        result = _build(model, manifest, data, staging, artefacts, thresholds, progress)
+        reusable = _reusable_artefacts(head_source, manifest) if head_source else {}
+        result = _build(model, manifest, data, staging, artefacts, thresholds, progress, reusable)
         if result.manifest is None:
             shutil.rmtree(staging)
             return result
@@ -141,8 +146,27 @@ def build_bundle(
         raise
 
 
+def _reusable_artefacts(bundle: str | Path, manifest: Manifest) -> dict[str, Path]:
+    """fp32 artefacts of ``bundle`` (verified) that only differ from this model's by the head."""
+    source = Manifest.from_dict(verify(bundle), f"{bundle}/manifest.json")
+    if (source.model.backbone_sha256 != manifest.model.backbone_sha256 or source.model.backbone_sha256 is None
+            or source.preprocess != manifest.preprocess):
+        log.info("%s: another backbone or preprocessing; every artefact is converted anew", bundle)
+        return {}
+    return {a["file"]: Path(bundle) / a["file"] for a in source.artefacts if a["precision"] == "fp32"}
+
+
+def _with_new_head(model: Any, spec: ArtefactSpec, reusable: dict[str, Path]) -> bytes | None:
+    """The reusable artefact for ``spec`` with ``model``'s classifier written in, if its driver can."""
+    write_head = getattr(driver(spec.format), "with_new_head", None)
+    if spec.file not in reusable or write_head is None:
+        return None
+    head = model.model.get_classifier()
+    return write_head(reusable[spec.file].read_bytes(), head.weight.detach().numpy(), head.bias.detach().numpy())
+
+
 def _build(model: Any, manifest: Manifest, data: ExportData, staging: Path, artefacts: tuple[ArtefactSpec, ...],
-           thresholds: Thresholds, progress: bool) -> BundleResult:
+           thresholds: Thresholds, progress: bool, reusable: dict[str, Path]) -> BundleResult:
     classes = manifest.class_names
     reference = predict_probs(model, data.val_images)
     reference_top1 = float((reference.argmax(1) == data.val_labels).mean())
@@ -160,8 +184,11 @@ def _build(model: Any, manifest: Manifest, data: ExportData, staging: Path, arte
         path = staging / spec.file
         source = int8_model if spec.precision == "int8" else model
         t0 = time.perf_counter()
-        with captured_output():  # the converters' own logs; shown only if the export fails
-            payload = driver(spec.format).export(source, spec.precision, data.calibration)
+        payload = _with_new_head(model, spec, reusable)
+        head_written = payload is not None
+        if payload is None:
+            with captured_output():  # the converters' own logs; shown only if the export fails
+                payload = driver(spec.format).export(source, spec.precision, data.calibration)
         write_bytes_atomic(path, payload)
         export_s = time.perf_counter() - t0
         with captured_output():  # runtimes log their CPU probing
@@ -184,6 +211,7 @@ def _build(model: Any, manifest: Manifest, data: ExportData, staging: Path, arte
             "val": result, "latency_1thread": latency, "export_seconds": round(export_s, 1),
             "golden_tolerance": GOLDEN_TOLERANCE[spec.precision],
             **({"equalized_relu_boundaries": equalized} if spec.precision == "int8" else {}),
+            **({"head_written_into": sha256_file(reusable[spec.file])} if head_written else {}),
         })
         tqdm.write(f"  ok   {spec.file}: {path.stat().st_size / 1e6:.2f} MB, val top-1 {result['top1']:.4f}, "
                    f"agreement {result['agreement']:.4f}, {latency['median_ms']:.2f} ms")

@@ -302,7 +302,8 @@ def _finish_head_change(result: Any, source: Any, formats: str | None, out_dir: 
         t0 = time.perf_counter()
         artefacts = select(formats or (",".join(source.formats) if source.formats else None))
         export = bundle_mod.export_run(result.run_dir, calibration_count=calibration_count, out_dir=out_dir,
-                                       artefacts=artefacts, force=force, progress=not quiet)
+                                       artefacts=artefacts, force=force, progress=not quiet,
+                                       head_source=source.bundle)
         seconds["export_gate"] = round(time.perf_counter() - t0, 2)
         if export.path is not None:
             click.echo(bundle_mod.summary_line(export))

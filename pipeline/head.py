@@ -65,6 +65,7 @@ class Source:
     cfg: TrainConfig
     classes: list[ClassSource]
     formats: list[str] | None = None  # the artefact keys of the bundle it came from, if any
+    bundle: Path | None = None  # that bundle
 
 
 @dataclass
@@ -81,7 +82,7 @@ class HeadResult:
 def load_source(path: str | Path) -> Source:
     """A run folder (or its checkpoint.pt), or a bundle exported from one (its manifest names it)."""
     path = Path(path)
-    formats = None
+    formats = bundle = None
     bundle_manifest = None
     if path.is_dir() and not (path / "checkpoint.pt").is_file() and (path / "manifest.json").is_file():
         bundle_manifest = Manifest.from_dict(read_manifest(path), f"{path}/manifest.json")
@@ -90,7 +91,7 @@ def load_source(path: str | Path) -> Source:
             raise HeadError(f"{path}: the run this bundle was exported from ({checkpoint}) is not on this "
                             "machine; pass --from RUN_FOLDER (the PyTorch weights are needed to re-export)")
         formats = [f"{a['format']}-{a['precision']}" for a in bundle_manifest.artefacts]
-        path = Path(checkpoint)
+        bundle, path = path, Path(checkpoint)
     run_dir, cfg = load_run_config(path)
     model, manifest = load_checkpoint(run_dir)
     if bundle_manifest is not None:
@@ -98,7 +99,7 @@ def load_source(path: str | Path) -> Source:
             raise HeadError(f"{run_dir}: its weights are not the ones the bundle was exported from")
         manifest.classes = bundle_manifest.classes  # names/streams as the bundle has them (renames)
         manifest.version = max(manifest.version, bundle_manifest.version)
-    return Source(run_dir, model, manifest, cfg, _class_sources(run_dir, cfg, manifest), formats)
+    return Source(run_dir, model, manifest, cfg, _class_sources(run_dir, cfg, manifest), formats, bundle)
 
 
 def load_class_sources(run_dir: Path) -> list[ClassSource]:

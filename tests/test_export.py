@@ -107,6 +107,39 @@ def test_mobilenetv3_int8_tflite_is_full_integer(tiny_data: Path) -> None:
     assert tflite_driver.tensor_types(flatbuffer) <= {"int8", "int32"}
 
 
+def test_new_head_written_into_the_fp32_tflite_equals_a_conversion(exported, run_cache, tmp_path: Path) -> None:
+    """A head change reuses the converted graph: the classifier's weights (any class count) are
+    written into it, and it computes what PyTorch computes with that head."""
+    import torch
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    from pipeline.head import install_head
+
+    result = exported["result"]
+    model, _ = train_mod.load_checkpoint(exported["run"].run_dir)
+    images, _ = val_inputs(exported)
+    converted = (result.path / "model_fp32.tflite").read_bytes()
+    features = model.model.get_classifier().in_features
+    torch.manual_seed(0)
+    weight, bias = torch.randn(5, features) * 0.1, torch.randn(5)
+    install_head(model, weight, bias)
+    with torch.no_grad():
+        reference = model(torch.from_numpy(images)).numpy()
+
+    # as converted, and as a converter writes a classifier whose bias is all zero: without the input
+    dropped = flatbuffer_utils.read_model_from_bytearray(bytearray(converted))
+    dropped.subgraphs[0].operators[-1].inputs[2] = -1
+    without_bias = bytes(flatbuffer_utils.convert_object_to_bytearray(dropped))
+    for i, flatbuffer in enumerate((converted, without_bias)):
+        path = tmp_path / f"head{i}.tflite"
+        path.write_bytes(tflite_driver.with_new_head(flatbuffer, weight.numpy(), bias.numpy()))
+        runner = tflite_driver.Runner(path)
+        assert runner.io["outputs"][0]["shape"] == [1, 5]
+        np.testing.assert_allclose(runner(images), reference, rtol=1e-4, atol=1e-4)
+    assert tflite_driver.with_new_head(converted, np.zeros((5, features + 1), np.float32),
+                                       np.zeros(5, np.float32)) is None  # a head that does not fit
+
+
 def test_gate_rules() -> None:
     t = Thresholds(fp32_min_agreement=0.995, int8_max_top1_drop=0.015)
     assert gate({"agreement": 1.0, "top1": 0.9}, 0.9, "fp32", t) is None
