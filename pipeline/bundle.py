@@ -162,6 +162,8 @@ def _with_new_head(model: Any, spec: ArtefactSpec, reusable: dict[str, Path]) ->
     if spec.file not in reusable or write_head is None:
         return None
     head = model.model.get_classifier()
+    if getattr(head, "bias", None) is None:
+        return None
     return write_head(reusable[spec.file].read_bytes(), head.weight.detach().numpy(), head.bias.detach().numpy())
 
 
@@ -182,13 +184,13 @@ def _build(model: Any, manifest: Manifest, data: ExportData, staging: Path, arte
     for spec in bar:
         bar.set_postfix_str(spec.file)
         path = staging / spec.file
-        source = int8_model if spec.precision == "int8" else model
+        to_export = int8_model if spec.precision == "int8" else model
         t0 = time.perf_counter()
         payload = _with_new_head(model, spec, reusable)
         head_written = payload is not None
         if payload is None:
             with captured_output():  # the converters' own logs; shown only if the export fails
-                payload = driver(spec.format).export(source, spec.precision, data.calibration)
+                payload = driver(spec.format).export(to_export, spec.precision, data.calibration)
         write_bytes_atomic(path, payload)
         export_s = time.perf_counter() - t0
         with captured_output():  # runtimes log their CPU probing
