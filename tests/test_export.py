@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edge.bundle import BundleInvalid, input_contract_problems, verify
+from edge.bundle import BundleInvalid, input_contract_problems, sha256_file, verify
 from edge.runtimes import softmax
 from pipeline import bundle as bundle_mod
 from pipeline import data as data_mod
@@ -227,6 +227,24 @@ def test_existing_bundle_is_kept_unless_forced(exported, run_cache, tmp_path: Pa
     again = bundle_mod.export_run(exported["run"].run_dir, force=True, **options)
     assert again.path == first.path and verify(again.path)
     assert [p.name for p in out.iterdir()] == [first.path.name]
+
+
+def test_head_is_written_only_into_a_bundle_of_the_same_backbone(exported, run_cache, tmp_path: Path) -> None:
+    source = exported["result"].path
+    options = dict(calibration_count=8, golden_count=3, artefacts=select("tflite-fp32"), progress=False)
+    same = bundle_mod.export_run(exported["run"].run_dir, out_dir=tmp_path / "a", head_source=source, **options)
+    written = same.manifest.artefacts[0]
+    assert written["head_written_into"] == sha256_file(source / "model_fp32.tflite")
+    assert written["val"]["agreement"] == 1.0
+
+    other = tmp_path / "other"  # the same files, but the manifest says another backbone
+    shutil.copytree(source, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["model"]["backbone_sha256"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    converted = bundle_mod.export_run(exported["run"].run_dir, out_dir=tmp_path / "b", head_source=other,
+                                      **options)
+    assert "head_written_into" not in converted.manifest.artefacts[0]
 
 
 def test_select_artefacts() -> None:
