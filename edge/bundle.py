@@ -48,6 +48,10 @@ def artefact_problems(bundle: str | Path, manifest: dict[str, Any]) -> list[str]
             problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
         elif sha256_file(path) != entry["sha256"]:
             problems.append(f"{path}: sha256 differs from the manifest (damaged or replaced)")
+        head = entry.get("head_update")  # the classifier weights a device can rebuild it from
+        if head and (not (Path(bundle) / head["file"]).is_file()
+                     or sha256_file(Path(bundle) / head["file"]) != head["sha256"]):
+            problems.append(f"{Path(bundle) / head['file']}: missing, or its sha256 differs from the manifest")
     return problems
 
 

@@ -3,6 +3,7 @@
     python edge/classify.py --bundle dist/trashnet-mobilenetv3_small-v1 photos/ clip.mp4
     python edge/classify.py --bundle BUNDLE --camera picamera --every 5
     python edge/classify.py --bundle BUNDLE --validate
+    python edge/classify.py --bundle NEW_BUNDLE --head-update-from OLD_BUNDLE --validate
 
 Needs numpy, Pillow and one runtime (ai-edge-litert or tflite-runtime, onnxruntime, executorch);
 OpenCV only for videos and USB cameras, picamera2 only for the Pi camera. Never imports torch
@@ -32,6 +33,7 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from edge.bundle import BundleInvalid, input_contract_problems, read_manifest, verify  # noqa: E402
+from edge.head import apply_head_update  # noqa: E402
 from edge.preprocess import model_input  # noqa: E402
 from edge.runtimes import RuntimeMissing, choose_artefact, open_runner, softmax  # noqa: E402
 from edge.sources import (  # noqa: E402
@@ -149,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="check sha256, tensors, golden set and latency on this device; no sources needed")
     parser.add_argument("--latency-runs", type=int, default=50, metavar="N",
                         help="timed runs in --validate (>= 50)")
+    parser.add_argument("--head-update-from", type=Path, metavar="OLD_BUNDLE",
+                        help="first rebuild the bundle's missing .tflite from OLD_BUNDLE's with the new head "
+                             "(a head update: a new class list without downloading the model again)")
     return parser
 
 
@@ -157,9 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.every < 1 or args.top_k < 1 or args.threads is not None and args.threads < 1:
         parser.error("--every, --top-k and --threads must be at least 1")
-    if not (args.validate or args.sources or args.camera):
-        parser.error("give SOURCE files/folders, --camera, or --validate")
+    if not (args.validate or args.sources or args.camera or args.head_update_from):
+        parser.error("give SOURCE files/folders, --camera, --validate or --head-update-from")
     try:
+        if args.head_update_from:
+            written = apply_head_update(args.bundle, args.head_update_from)
+            print(f"head update: rebuilt {', '.join(written) or 'nothing (no artefact missing)'} from "
+                  f"{args.head_update_from}", file=sys.stderr)
+            if not (args.validate or args.sources or args.camera):
+                return 0
         if args.validate:
             status = run_validate(args)
             if status or not (args.sources or args.camera):

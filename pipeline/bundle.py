@@ -35,6 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from edge.bundle import input_contract_problems, sha256_file, verify
+from edge.head import HEAD_FILE, head_bytes
 from edge.runtimes import measure_latency, softmax
 from pipeline import data as data_mod
 from pipeline.evaluate import predict_probs
@@ -167,6 +168,17 @@ def _with_new_head(model: Any, spec: ArtefactSpec, reusable: dict[str, Path]) ->
     return write_head(reusable[spec.file].read_bytes(), head.weight.detach().numpy(), head.bias.detach().numpy())
 
 
+def _write_head_update(staging: Path, model: Any, from_sha256: str) -> dict[str, Any]:
+    """Write the head file (once per bundle) and describe how a device rebuilds the artefact from
+    the previous one (edge/head.py)."""
+    head = model.model.get_classifier()
+    weight, bias = head.weight.detach().numpy(), head.bias.detach().numpy()
+    path = staging / HEAD_FILE
+    write_bytes_atomic(path, head_bytes(weight, bias))
+    return {"from_sha256": from_sha256, "file": HEAD_FILE, "sha256": sha256_file(path),
+            "bytes": path.stat().st_size, "shape": list(weight.shape)}
+
+
 def _build(model: Any, manifest: Manifest, data: ExportData, staging: Path, artefacts: tuple[ArtefactSpec, ...],
            thresholds: Thresholds, progress: bool, reusable: dict[str, Path]) -> BundleResult:
     classes = manifest.class_names
@@ -213,8 +225,9 @@ def _build(model: Any, manifest: Manifest, data: ExportData, staging: Path, arte
             "val": result, "latency_1thread": latency, "export_seconds": round(export_s, 1),
             "golden_tolerance": GOLDEN_TOLERANCE[spec.precision],
             **({"equalized_relu_boundaries": equalized} if spec.precision == "int8" else {}),
-            **({"head_written_into": sha256_file(reusable[spec.file])} if head_written else {}),
         })
+        if head_written:
+            entries[-1]["head_update"] = _write_head_update(staging, model, sha256_file(reusable[spec.file]))
         tqdm.write(f"  ok   {spec.file}: {path.stat().st_size / 1e6:.2f} MB, val top-1 {result['top1']:.4f}, "
                    f"agreement {result['agreement']:.4f}, {latency['median_ms']:.2f} ms")
     bar.close()

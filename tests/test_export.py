@@ -234,7 +234,7 @@ def test_head_is_written_only_into_a_bundle_of_the_same_backbone(exported, run_c
     options = dict(calibration_count=8, golden_count=3, artefacts=select("tflite-fp32"), progress=False)
     same = bundle_mod.export_run(exported["run"].run_dir, out_dir=tmp_path / "a", head_source=source, **options)
     written = same.manifest.artefacts[0]
-    assert written["head_written_into"] == sha256_file(source / "model_fp32.tflite")
+    assert written["head_update"]["from_sha256"] == sha256_file(source / "model_fp32.tflite")
     assert written["val"]["agreement"] == 1.0
 
     other = tmp_path / "other"  # the same files, but the manifest says another backbone
@@ -244,7 +244,7 @@ def test_head_is_written_only_into_a_bundle_of_the_same_backbone(exported, run_c
     (other / "manifest.json").write_text(json.dumps(manifest))
     converted = bundle_mod.export_run(exported["run"].run_dir, out_dir=tmp_path / "b", head_source=other,
                                       **options)
-    assert "head_written_into" not in converted.manifest.artefacts[0]
+    assert "head_update" not in converted.manifest.artefacts[0]
 
 
 def test_select_artefacts() -> None:

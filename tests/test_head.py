@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -72,13 +73,35 @@ def test_add_class_end_to_end(exported, tmp_path: Path) -> None:
     entries = {a["file"]: a for a in manifest["artefacts"]}
     assert sorted(entries) == ["model_fp32.onnx", "model_fp32.tflite", "model_int8.tflite"]
     # the fp32 .tflite is the source bundle's with the new head written in (not converted again)
-    assert entries["model_fp32.tflite"]["head_written_into"] == sha256_file(bundle / "model_fp32.tflite")
+    assert entries["model_fp32.tflite"]["head_update"]["from_sha256"] == sha256_file(bundle / "model_fp32.tflite")
     assert entries["model_fp32.tflite"]["outputs"][0]["shape"] == [1, 4]
     assert entries["model_fp32.tflite"]["val"]["agreement"] == 1.0
-    assert "head_written_into" not in entries["model_int8.tflite"]
+    assert "head_update" not in entries["model_int8.tflite"]
     assert (new_bundle / "labels.txt").read_text().split() == ["cardboard", "glass", "metal", "battery"]
     for artefact in entries:  # the edge runner, unchanged
         assert classify.main(["--bundle", str(new_bundle), "--validate", "--model", artefact]) == 0
+
+    # A device holding the old bundle takes the new one without its .tflite (a head update of a few
+    # KB) and rebuilds that file byte for byte.
+    update = tmp_path / "update"
+    shutil.copytree(new_bundle, update, ignore=shutil.ignore_patterns("model_fp32.tflite"))
+    head_file = update / entries["model_fp32.tflite"]["head_update"]["file"]
+    assert head_file.stat().st_size == 4 * 4 * (model_features(run_dir) + 1)  # 4 classes, float32
+    assert classify.main(["--bundle", str(update), "--validate", "--model", "model_fp32.tflite"]) == 1  # missing
+    assert classify.main(["--bundle", str(update), "--head-update-from", str(new_bundle)]) == 2  # not its base
+    assert not (update / "model_fp32.tflite").exists()
+    assert classify.main(["--bundle", str(update), "--head-update-from", str(bundle), "--validate",
+                          "--model", "model_fp32.tflite"]) == 0
+    assert (update / "model_fp32.tflite").read_bytes() == (new_bundle / "model_fp32.tflite").read_bytes()
+    head_file.write_bytes(head_file.read_bytes()[:-4] + b"\0\0\0\0")  # a damaged head file is refused
+    (update / "model_fp32.tflite").unlink()
+    assert classify.main(["--bundle", str(update), "--head-update-from", str(bundle)]) == 2
+    assert not (update / "model_fp32.tflite").exists()
+
+
+def model_features(run_dir: Path) -> int:
+    model, _ = load_checkpoint(run_dir)
+    return model.model.get_classifier().in_features
 
 
 def test_second_add_embeds_only_the_new_photos(exported, tmp_path: Path) -> None:

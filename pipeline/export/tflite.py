@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edge.head import with_new_head  # noqa: F401  (a head change's fp32 artefact: see bundle.py)
 from edge.runtimes import TFLiteRunner as Runner  # noqa: F401  (the driver interface)
 from pipeline.export import check_precision
 
@@ -103,54 +104,3 @@ def tensor_types(model: bytes) -> set[str]:
     interpreter = _interpreter(model)
     return {np.dtype(t["dtype"]).name for t in interpreter.get_tensor_details()}
 
-
-def with_new_head(flatbuffer: bytes, weight: np.ndarray, bias: np.ndarray) -> bytes | None:
-    """The fp32 ``.tflite`` with the weight and bias of its last op, a fully-connected classifier,
-    replaced (any number of classes); None if the graph does not end in one that fits.
-
-    A head change leaves the rest of the graph as it was, and the conversion this skips is most of
-    a head change's time. The result goes through the parity gate like any export."""
-    from ai_edge_litert import schema_py_generated as schema
-    from ai_edge_litert.tools import flatbuffer_utils
-
-    model = flatbuffer_utils.read_model_from_bytearray(bytearray(flatbuffer))
-    graph = model.subgraphs[0]
-    if len(model.subgraphs) != 1 or len(graph.outputs) != 1:
-        return None
-    output = int(graph.outputs[0])
-    producers = [op for op in graph.operators if output in list(op.outputs)]
-    if len(producers) != 1 or len(producers[0].inputs) != 3:
-        return None
-    code = model.operatorCodes[producers[0].opcodeIndex]
-    if max(code.builtinCode, code.deprecatedBuiltinCode) != schema.BuiltinOperator.FULLY_CONNECTED:
-        return None
-    op = producers[0]
-    _, weight_index, bias_index = (int(i) for i in op.inputs)
-    if bias_index < 0:  # the converter drops an all-zero bias: give the op one again
-        bias_index = op.inputs[2] = _new_tensor(model, graph, "classifier_bias", schema.TensorType.FLOAT32)
-    weight_tensor, bias_tensor = graph.tensors[weight_index], graph.tensors[bias_index]
-    classes = len(bias)
-    fits = (weight_tensor.type == bias_tensor.type == schema.TensorType.FLOAT32
-            and len(weight_tensor.shape) == 2 and weight_tensor.shape[1] == weight.shape[1]
-            and list(graph.tensors[output].shape) == [1, weight_tensor.shape[0]] and weight.shape[0] == classes)
-    shared = [t for t in graph.tensors if t.buffer in (weight_tensor.buffer, bias_tensor.buffer)]
-    if not fits or len(shared) != 2:
-        return None
-    for tensor, values in ((weight_tensor, weight), (bias_tensor, bias)):
-        tensor.shape = np.array(values.shape, dtype=np.int32)
-        model.buffers[tensor.buffer].data = np.frombuffer(np.ascontiguousarray(values, "<f4").tobytes(), np.uint8)
-    graph.tensors[output].shape = np.array([1, classes], dtype=np.int32)
-    if graph.tensors[output].shapeSignature is not None:
-        graph.tensors[output].shapeSignature = np.array([1, classes], dtype=np.int32)
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
-
-
-def _new_tensor(model, graph, name: str, dtype: int) -> int:
-    """Append a constant tensor with its own (empty) buffer; its index."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    model.buffers.append(schema.BufferT())
-    tensor = schema.TensorT()
-    tensor.name, tensor.type, tensor.buffer = name.encode(), dtype, len(model.buffers) - 1
-    graph.tensors.append(tensor)
-    return len(graph.tensors) - 1
