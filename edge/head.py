@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from edge.bundle import BundleInvalid, read_manifest, sha256_file
+from edge.runtimes import RuntimeMissing
 
 HEAD_FILE = "head_fp32.bin"
 
@@ -74,9 +75,12 @@ def with_new_head(flatbuffer: bytes, weight: np.ndarray, bias: np.ndarray) -> by
 
     A head change leaves the rest of the graph as it was, and the conversion this skips is most of
     a head change's time. The pipeline gates the result like any export; a device checks its sha256.
-    The same bytes and weights give the same file on any machine (a pure-Python flatbuffer writer)."""
-    from ai_edge_litert import schema_py_generated as schema
-    from ai_edge_litert.tools import flatbuffer_utils
+    The writer is deterministic (pure-Python flatbuffers); a device still checks the sha256."""
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+        from ai_edge_litert.tools import flatbuffer_utils
+    except ImportError:
+        raise RuntimeMissing("a head update needs ai-edge-litert (pip install ai-edge-litert)") from None
 
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(flatbuffer))
     graph = model.subgraphs[0]
