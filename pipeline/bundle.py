@@ -147,32 +147,39 @@ def build_bundle(
         raise
 
 
-def _reusable_artefacts(bundle: str | Path, manifest: Manifest) -> dict[str, Path]:
-    """fp32 artefacts of ``bundle`` (verified) that only differ from this model's by the head."""
+def _reusable_artefacts(bundle: str | Path, manifest: Manifest) -> dict[str, tuple[Path, str]]:
+    """fp32 artefacts of ``bundle`` (verified: path and sha256) that only differ from this model's by
+    the head."""
     source = Manifest.from_dict(verify(bundle), f"{bundle}/manifest.json")
     if (source.model.backbone_sha256 != manifest.model.backbone_sha256 or source.model.backbone_sha256 is None
             or source.preprocess != manifest.preprocess):
         log.info("%s: another backbone or preprocessing; every artefact is converted anew", bundle)
         return {}
-    return {a["file"]: Path(bundle) / a["file"] for a in source.artefacts if a["precision"] == "fp32"}
+    return {a["file"]: (Path(bundle) / a["file"], a["sha256"])
+            for a in source.artefacts if a["precision"] == "fp32"}
 
 
-def _with_new_head(model: Any, spec: ArtefactSpec, reusable: dict[str, Path]) -> bytes | None:
-    """The reusable artefact for ``spec`` with ``model``'s classifier written in, if its driver can."""
-    write_head = getattr(driver(spec.format), "with_new_head", None)
-    if spec.file not in reusable or write_head is None:
-        return None
+def _classifier(model: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """The contract model's classifier weight and bias (None without a bias)."""
     head = model.model.get_classifier()
     if getattr(head, "bias", None) is None:
         return None
-    return write_head(reusable[spec.file].read_bytes(), head.weight.detach().numpy(), head.bias.detach().numpy())
+    return head.weight.detach().numpy(), head.bias.detach().numpy()
+
+
+def _with_new_head(model: Any, spec: ArtefactSpec, reusable: dict[str, tuple[Path, str]]) -> bytes | None:
+    """The reusable artefact for ``spec`` with ``model``'s classifier written in, if its driver can."""
+    write_head = getattr(driver(spec.format), "with_new_head", None)
+    classifier = _classifier(model)
+    if spec.file not in reusable or write_head is None or classifier is None:
+        return None
+    return write_head(reusable[spec.file][0].read_bytes(), *classifier)
 
 
 def _write_head_update(staging: Path, model: Any, from_sha256: str) -> dict[str, Any]:
     """Write the head file (once per bundle) and describe how a device rebuilds the artefact from
     the previous one (edge/head.py)."""
-    head = model.model.get_classifier()
-    weight, bias = head.weight.detach().numpy(), head.bias.detach().numpy()
+    weight, bias = _classifier(model)
     path = staging / HEAD_FILE
     write_bytes_atomic(path, head_bytes(weight, bias))
     return {"from_sha256": from_sha256, "file": HEAD_FILE, "sha256": sha256_file(path),
@@ -180,7 +187,7 @@ def _write_head_update(staging: Path, model: Any, from_sha256: str) -> dict[str,
 
 
 def _build(model: Any, manifest: Manifest, data: ExportData, staging: Path, artefacts: tuple[ArtefactSpec, ...],
-           thresholds: Thresholds, progress: bool, reusable: dict[str, Path]) -> BundleResult:
+           thresholds: Thresholds, progress: bool, reusable: dict[str, tuple[Path, str]]) -> BundleResult:
     classes = manifest.class_names
     reference = predict_probs(model, data.val_images)
     reference_top1 = float((reference.argmax(1) == data.val_labels).mean())
@@ -227,7 +234,7 @@ def _build(model: Any, manifest: Manifest, data: ExportData, staging: Path, arte
             **({"equalized_relu_boundaries": equalized} if spec.precision == "int8" else {}),
         })
         if head_written:
-            entries[-1]["head_update"] = _write_head_update(staging, model, sha256_file(reusable[spec.file]))
+            entries[-1]["head_update"] = _write_head_update(staging, model, reusable[spec.file][1])
         tqdm.write(f"  ok   {spec.file}: {path.stat().st_size / 1e6:.2f} MB, val top-1 {result['top1']:.4f}, "
                    f"agreement {result['agreement']:.4f}, {latency['median_ms']:.2f} ms")
     bar.close()
