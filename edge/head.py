@@ -27,9 +27,14 @@ from edge.runtimes import RuntimeMissing
 HEAD_FILE = "head_fp32.bin"
 
 
+def float32_bytes(values: np.ndarray) -> bytes:
+    """Little-endian float32, as both the head file and a .tflite buffer store weights."""
+    return np.ascontiguousarray(values, "<f4").tobytes()
+
+
 def head_bytes(weight: np.ndarray, bias: np.ndarray) -> bytes:
-    """The head file's content: weight (classes x features) then bias, little-endian float32."""
-    return np.ascontiguousarray(weight, "<f4").tobytes() + np.ascontiguousarray(bias, "<f4").tobytes()
+    """The head file's content: weight (classes x features) then bias."""
+    return float32_bytes(weight) + float32_bytes(bias)
 
 
 def read_head(path: Path, shape: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -74,8 +79,8 @@ def with_new_head(flatbuffer: bytes, weight: np.ndarray, bias: np.ndarray) -> by
     replaced (any number of classes); None if the graph does not end in one that fits.
 
     A head change leaves the rest of the graph as it was, and the conversion this skips is most of
-    a head change's time. The pipeline gates the result like any export; a device checks its sha256.
-    The writer is deterministic (pure-Python flatbuffers); a device still checks the sha256."""
+    a head change's time. The writer is deterministic (pure-Python flatbuffers); the pipeline gates
+    the result like any export, and a device checks its sha256."""
     try:
         from ai_edge_litert import schema_py_generated as schema
         from ai_edge_litert.tools import flatbuffer_utils
@@ -90,10 +95,10 @@ def with_new_head(flatbuffer: bytes, weight: np.ndarray, bias: np.ndarray) -> by
     producers = [op for op in graph.operators if output in list(op.outputs)]
     if len(producers) != 1 or len(producers[0].inputs) != 3:
         return None
-    code = model.operatorCodes[producers[0].opcodeIndex]
+    op = producers[0]
+    code = model.operatorCodes[op.opcodeIndex]
     if max(code.builtinCode, code.deprecatedBuiltinCode) != schema.BuiltinOperator.FULLY_CONNECTED:
         return None
-    op = producers[0]
     _, weight_index, bias_index = (int(i) for i in op.inputs)
     if bias_index < 0:  # the converter drops an all-zero bias: give the op one again
         bias_index = op.inputs[2] = _new_tensor(model, graph, "classifier_bias", schema.TensorType.FLOAT32)
@@ -107,7 +112,7 @@ def with_new_head(flatbuffer: bytes, weight: np.ndarray, bias: np.ndarray) -> by
         return None
     for tensor, values in ((weight_tensor, weight), (bias_tensor, bias)):
         tensor.shape = np.array(values.shape, dtype=np.int32)
-        model.buffers[tensor.buffer].data = np.frombuffer(np.ascontiguousarray(values, "<f4").tobytes(), np.uint8)
+        model.buffers[tensor.buffer].data = np.frombuffer(float32_bytes(values), np.uint8)
     graph.tensors[output].shape = np.array([1, classes], dtype=np.int32)
     if graph.tensors[output].shapeSignature is not None:
         graph.tensors[output].shapeSignature = np.array([1, classes], dtype=np.int32)

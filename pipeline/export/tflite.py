@@ -103,4 +103,3 @@ def tensor_types(model: bytes) -> set[str]:
     """The dtypes of every tensor in a ``.tflite`` (full-integer: no float32 among them)."""
     interpreter = _interpreter(model)
     return {np.dtype(t["dtype"]).name for t in interpreter.get_tensor_details()}
-
