@@ -73,6 +73,10 @@ def main(verbose: bool) -> None:
               help="Class-weighted loss (rare classes count as much as common ones).")
 @click.option("--ema-decay", type=float, default=0.998, show_default=True,
               help="Weight EMA decay (0 = off); val and the checkpoint use the EMA weights.")
+@click.option("--mixup", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Mixup Beta alpha (e.g. 0.2); 0 = off.")
+@click.option("--cutmix", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="CutMix Beta alpha (e.g. 1.0); 0 = off. With --mixup too, one of the two per batch.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds weights, split (without splits.csv), order and augmentation.")
 @click.option("--threads", type=int, help="CPU threads.  [default: all cores]")
@@ -84,8 +88,8 @@ def main(verbose: bool) -> None:
 @friendly_errors
 def train(data: Path | None, model: str, weights: Path | None, no_pretrained: bool, size: int | None,
           epochs: int, batch_size: int, lr: float, patience: int, balance: bool, ema_decay: float,
-          seed: int, threads: int | None, out_dir: str, run_name: str | None, resume_dir: Path | None,
-          quiet: bool) -> None:
+          mixup: float, cutmix: float, seed: int, threads: int | None, out_dir: str,
+          run_name: str | None, resume_dir: Path | None, quiet: bool) -> None:
     """Fine-tune a timm model on a class-folder dataset; writes runs/<id>/ with the checkpoint,
     manifest.json, metrics and the data report (runs/latest points at it)."""
     from pipeline import train as train_mod
@@ -99,7 +103,8 @@ def train(data: Path | None, model: str, weights: Path | None, no_pretrained: bo
             cfg = train_mod.TrainConfig(
                 data=str(data), model=model, weights=str(weights) if weights else None,
                 pretrained=not no_pretrained, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
-                patience=patience, balance=balance, ema_decay=ema_decay, seed=seed, threads=threads,
+                patience=patience, balance=balance, ema_decay=ema_decay, mixup=mixup, cutmix=cutmix,
+                seed=seed, threads=threads,
                 out_dir=out_dir, run_name=run_name)
             result = train_mod.train(cfg, progress=not quiet)
     except WeightsError as e:

@@ -320,6 +320,33 @@ class Augment:
         return (x - grey) * s + grey
 
 
+def mix_batch(x: torch.Tensor, gen: torch.Generator, mixup: float = 0.0,
+              cutmix: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixup or CutMix on an augmented float batch: each photo is blended with (mixup) or has a
+    box pasted from (CutMix) its partner ``x[partner]``. Returns the mixed batch, ``partner`` and
+    ``lam``, the share of each photo's own label (loss = lam * CE(y) + (1 - lam) * CE(y[partner])).
+    ``mixup``/``cutmix`` are Beta(alpha, alpha) parameters, 0 = off; with both on, one of the two is
+    drawn per batch (timm's convention). Off: the batch unchanged, lam 1."""
+    n = len(x)
+    if mixup <= 0 and cutmix <= 0:
+        return x, torch.arange(n), 1.0
+    use_cutmix = cutmix > 0 and (mixup <= 0 or torch.rand(1, generator=gen).item() < 0.5)
+    alpha = cutmix if use_cutmix else mixup
+    # Beta draws from a numpy generator seeded by ours, so the run stays seeded by (seed, epoch).
+    lam = float(np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen))).beta(alpha, alpha))
+    partner = torch.randperm(n, generator=gen)
+    if not use_cutmix:
+        return x * lam + x[partner] * (1 - lam), partner, lam
+    height, width = x.shape[2], x.shape[3]
+    cut = (1 - lam) ** 0.5  # the box covers 1 - lam of the area, clipped at the borders
+    cy, cx = (int(torch.randint(0, d, (1,), generator=gen)) for d in (height, width))
+    top, bottom = max(cy - int(height * cut / 2), 0), min(cy + int(height * cut / 2), height)
+    left, right = max(cx - int(width * cut / 2), 0), min(cx + int(width * cut / 2), width)
+    mixed = x.clone()
+    mixed[:, :, top:bottom, left:right] = x[partner, :, top:bottom, left:right]
+    return mixed, partner, 1 - (bottom - top) * (right - left) / (height * width)
+
+
 def to_float_nchw(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 1]."""
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255)

@@ -73,6 +73,8 @@ class TrainConfig:
     ema_decay: float = 0.998  # 0 turns EMA off
     drop_rate: float = 0.2
     crop_scale_min: float = 0.35
+    mixup: float = 0.0  # Beta alpha of mixup, 0 = off
+    cutmix: float = 0.0  # Beta alpha of CutMix, 0 = off
     patience: int = 12  # epochs without val improvement before stopping early
     seed: int = 0
     val_fraction: float = 0.15  # used only when the data has no splits.csv
@@ -194,8 +196,12 @@ def _run(cfg: TrainConfig, run_dir: Path, progress: bool) -> RunResult:
             idx = np.sort(order[i * cfg.batch_size:(i + 1) * cfg.batch_size])
             x = augment(train_set.images[idx], gen).contiguous(memory_format=torch.channels_last)
             y = torch.from_numpy(train_set.labels[idx])
+            x, partner, lam = data_mod.mix_batch(x, gen, cfg.mixup, cfg.cutmix)
             logits = model(normalize(x))
-            loss = F.cross_entropy(logits, y, weight=weights, label_smoothing=cfg.label_smoothing)
+            loss = lam * F.cross_entropy(logits, y, weight=weights, label_smoothing=cfg.label_smoothing)
+            if lam < 1:
+                loss = loss + (1 - lam) * F.cross_entropy(logits, y[partner], weight=weights,
+                                                          label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -182,6 +182,31 @@ def test_augment_is_seeded() -> None:
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_mix_batch_mixup_cutmix_and_off() -> None:
+    import torch
+
+    # Four flat photos of different greys: every pixel says which photo it came from.
+    x = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 16, 16) / 4
+    same, partner, lam = data.mix_batch(x, torch.Generator().manual_seed(0))
+    assert same is x and lam == 1.0 and torch.equal(partner, torch.arange(4))
+
+    mixed, partner, lam = data.mix_batch(x, torch.Generator().manual_seed(0), mixup=0.4)
+    assert 0 < lam < 1 and sorted(partner.tolist()) == [0, 1, 2, 3]
+    assert torch.allclose(mixed, lam * x + (1 - lam) * x[partner])
+    again, _, lam_again = data.mix_batch(x, torch.Generator().manual_seed(0), mixup=0.4)
+    assert torch.equal(mixed, again) and lam == lam_again  # seeded by the generator alone
+
+    for seed in range(5):
+        cut, partner, lam = data.mix_batch(x, torch.Generator().manual_seed(seed), cutmix=1.0)
+        own = cut == x
+        pasted = cut == x[partner]
+        assert bool((own | pasted).all())  # every pixel from the photo or from its partner
+        moved = partner != torch.arange(4)
+        if moved.any():  # the pasted box covers exactly 1 - lam of each photo that has a partner
+            share = (~own[moved]).float().mean().item()
+            assert share == pytest.approx(1 - lam, abs=1e-6)
+
+
 def test_class_weights_balance_rare_classes() -> None:
     w = data.class_weights(np.array([0] * 90 + [1] * 10), 2)
     assert w[1] / w[0] == pytest.approx(9.0)

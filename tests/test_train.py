@@ -50,10 +50,11 @@ def test_tiny_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
 
 
 def test_training_is_reproducible_and_survives_a_kill(tiny_data: Path, tmp_path: Path) -> None:
-    """Kill a run mid-epoch with SIGKILL, resume it: it ends with the same weights as a clean run."""
-    clean = train_mod.train(tiny_config(tiny_data, tmp_path / "a"), progress=False)
+    """Kill a run mid-epoch with SIGKILL, resume it: it ends with the same weights as a clean run
+    (with mixup and CutMix on, whose draws are seeded too)."""
+    clean = train_mod.train(tiny_config(tiny_data, tmp_path / "a", mixup=0.2, cutmix=1.0), progress=False)
 
-    cfg = tiny_config(tiny_data, tmp_path / "b")
+    cfg = tiny_config(tiny_data, tmp_path / "b", mixup=0.2, cutmix=1.0)
     steps_per_epoch = 4  # 30 train photos / batch 8
     script = (
         "import sys; from pipeline import train as t; "
