@@ -73,6 +73,9 @@ def main(verbose: bool) -> None:
               help="Class-weighted loss (rare classes count as much as common ones).")
 @click.option("--ema-decay", type=float, default=0.998, show_default=True,
               help="Weight EMA decay (0 = off); val and the checkpoint use the EMA weights.")
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.1,
+              show_default=True, help="Label smoothing of the loss. 0 keeps the features more general "
+                                      "(a base model for add-class).")
 @click.option("--mixup", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Mixup Beta alpha (e.g. 0.2); 0 = off.")
 @click.option("--cutmix", type=click.FloatRange(min=0), default=0.0, show_default=True,
@@ -88,7 +91,7 @@ def main(verbose: bool) -> None:
 @friendly_errors
 def train(data: Path | None, model: str, weights: Path | None, no_pretrained: bool, size: int | None,
           epochs: int, batch_size: int, lr: float, patience: int, balance: bool, ema_decay: float,
-          mixup: float, cutmix: float, seed: int, threads: int | None, out_dir: str,
+          label_smoothing: float, mixup: float, cutmix: float, seed: int, threads: int | None, out_dir: str,
           run_name: str | None, resume_dir: Path | None, quiet: bool) -> None:
     """Fine-tune a timm model on a class-folder dataset; writes runs/<id>/ with the checkpoint,
     manifest.json, metrics and the data report (runs/latest points at it)."""
@@ -103,7 +106,8 @@ def train(data: Path | None, model: str, weights: Path | None, no_pretrained: bo
             cfg = train_mod.TrainConfig(
                 data=str(data), model=model, weights=str(weights) if weights else None,
                 pretrained=not no_pretrained, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
-                patience=patience, balance=balance, ema_decay=ema_decay, mixup=mixup, cutmix=cutmix,
+                patience=patience, balance=balance, ema_decay=ema_decay,
+                label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix,
                 seed=seed, threads=threads,
                 out_dir=out_dir, run_name=run_name)
             result = train_mod.train(cfg, progress=not quiet)
