@@ -106,10 +106,8 @@ def train(data: Path | None, model: str, weights: Path | None, no_pretrained: bo
             cfg = train_mod.TrainConfig(
                 data=str(data), model=model, weights=str(weights) if weights else None,
                 pretrained=not no_pretrained, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
-                patience=patience, balance=balance, ema_decay=ema_decay,
-                label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix,
-                seed=seed, threads=threads,
-                out_dir=out_dir, run_name=run_name)
+                patience=patience, balance=balance, ema_decay=ema_decay, label_smoothing=label_smoothing,
+                mixup=mixup, cutmix=cutmix, seed=seed, threads=threads, out_dir=out_dir, run_name=run_name)
             result = train_mod.train(cfg, progress=not quiet)
     except WeightsError as e:
         raise click.ClickException(str(e)) from None
