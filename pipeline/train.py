@@ -198,10 +198,9 @@ def _run(cfg: TrainConfig, run_dir: Path, progress: bool) -> RunResult:
             y = torch.from_numpy(train_set.labels[idx])
             x, partner, lam = data_mod.mix_batch(x, gen, cfg.mixup, cfg.cutmix)
             logits = model(normalize(x))
-            loss = lam * F.cross_entropy(logits, y, weight=weights, label_smoothing=cfg.label_smoothing)
-            if lam < 1:
-                loss = loss + (1 - lam) * F.cross_entropy(logits, y[partner], weight=weights,
-                                                          label_smoothing=cfg.label_smoothing)
+            loss = sum(share * F.cross_entropy(logits, target, weight=weights,
+                                               label_smoothing=cfg.label_smoothing)
+                       for share, target in ((lam, y), (1 - lam, y[partner])) if share > 0)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
