@@ -67,6 +67,10 @@ def main(verbose: bool) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Photos per optimizer step.")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak AdamW learning rate.")
+@click.option("--backbone-lr-scale", type=click.FloatRange(0, 1, min_open=True), default=1.0,
+              show_default=True, help="The pretrained layers train at --lr times this (e.g. 0.1); "
+                                      "the new classifier at --lr. Below 1 keeps the features "
+                                      "nearer ImageNet's.")
 @click.option("--patience", type=click.IntRange(min=1), default=12, show_default=True,
               help="Stop after this many epochs without a better val top-1.")
 @click.option("--balance/--no-balance", default=True, show_default=True,
@@ -90,9 +94,9 @@ def main(verbose: bool) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @friendly_errors
 def train(data: Path | None, model: str, weights: Path | None, no_pretrained: bool, size: int | None,
-          epochs: int, batch_size: int, lr: float, patience: int, balance: bool, ema_decay: float,
-          label_smoothing: float, mixup: float, cutmix: float, seed: int, threads: int | None, out_dir: str,
-          run_name: str | None, resume_dir: Path | None, quiet: bool) -> None:
+          epochs: int, batch_size: int, lr: float, backbone_lr_scale: float, patience: int, balance: bool,
+          ema_decay: float, label_smoothing: float, mixup: float, cutmix: float, seed: int, threads: int | None,
+          out_dir: str, run_name: str | None, resume_dir: Path | None, quiet: bool) -> None:
     """Fine-tune a timm model on a class-folder dataset; writes runs/<id>/ with the checkpoint,
     manifest.json, metrics and the data report (runs/latest points at it)."""
     from pipeline import train as train_mod
@@ -106,8 +110,9 @@ def train(data: Path | None, model: str, weights: Path | None, no_pretrained: bo
             cfg = train_mod.TrainConfig(
                 data=str(data), model=model, weights=str(weights) if weights else None,
                 pretrained=not no_pretrained, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
-                patience=patience, balance=balance, ema_decay=ema_decay, label_smoothing=label_smoothing,
-                mixup=mixup, cutmix=cutmix, seed=seed, threads=threads, out_dir=out_dir, run_name=run_name)
+                backbone_lr_scale=backbone_lr_scale, patience=patience, balance=balance, ema_decay=ema_decay,
+                label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, seed=seed, threads=threads,
+                out_dir=out_dir, run_name=run_name)
             result = train_mod.train(cfg, progress=not quiet)
     except WeightsError as e:
         raise click.ClickException(str(e)) from None

@@ -44,6 +44,7 @@ from pipeline.model import (
     ContractModel,
     Normalize,
     backbone_sha256,
+    classifier_prefix,
     create_model,
     preprocess_for,
     state_sha256,
@@ -66,6 +67,7 @@ class TrainConfig:
     epochs: int = 40
     batch_size: int = 32
     lr: float = 1e-3
+    backbone_lr_scale: float = 1.0  # the pretrained layers' lr = lr * this; the new head gets lr
     weight_decay: float = 0.02
     warmup_epochs: float = 2.0
     label_smoothing: float = 0.1
@@ -124,6 +126,18 @@ def load_run_config(checkpoint: str | Path) -> tuple[Path, TrainConfig]:
     return run_dir, TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
 
 
+def param_groups(model: torch.nn.Module, lr: float, backbone_lr_scale: float) -> list[dict[str, Any]]:
+    """The new classifier at ``lr``, the pretrained rest at ``lr * backbone_lr_scale``: a smaller
+    step for the backbone keeps its features nearer ImageNet's (less over-fitting on a small set)."""
+    if backbone_lr_scale == 1.0:  # one group, as runs from before this option resume with
+        return [{"params": list(model.parameters()), "lr": lr}]
+    prefix = classifier_prefix(model) + "."
+    named = list(model.named_parameters())
+    head = [p for n, p in named if n.startswith(prefix)]
+    backbone = [p for n, p in named if not n.startswith(prefix)]
+    return [{"params": head, "lr": lr}, {"params": backbone, "lr": lr * backbone_lr_scale}]
+
+
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
     """Linear warm-up to 1, then cosine decay to 0."""
     if step < warmup_steps:
@@ -154,7 +168,8 @@ def _run(cfg: TrainConfig, run_dir: Path, progress: bool) -> RunResult:
 
     model = model.to(memory_format=torch.channels_last)
     normalize = Normalize(preprocess.input.mean, preprocess.input.std)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.backbone_lr_scale),
+                                  weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_set.labels) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = max(1, int(cfg.warmup_epochs * steps_per_epoch))

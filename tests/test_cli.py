@@ -21,11 +21,13 @@ def run(*args: str):
 @pytest.fixture
 def trained_run(tiny_data: Path, tmp_path: Path) -> Path:
     result = run("train", "--data", str(tiny_data), "--no-pretrained", *TINY, "--out", str(tmp_path / "runs"),
-                 "--run-name", "r", "--label-smoothing", "0.05", "--mixup", "0.2", "--cutmix", "1.0")
+                 "--run-name", "r", "--label-smoothing", "0.05", "--mixup", "0.2", "--cutmix", "1.0",
+                 "--backbone-lr-scale", "0.5")
     assert result.exit_code == 0, result.output
     assert "val top-1" in result.output
     config = json.loads((tmp_path / "runs" / "r" / "config.json").read_text())
-    assert (config["label_smoothing"], config["mixup"], config["cutmix"]) == (0.05, 0.2, 1.0)
+    assert (config["label_smoothing"], config["mixup"], config["cutmix"], config["backbone_lr_scale"]) == (
+        0.05, 0.2, 1.0, 0.5)
     return tmp_path / "runs" / "r"
 
 

@@ -51,10 +51,11 @@ def test_tiny_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
 
 def test_training_is_reproducible_and_survives_a_kill(tiny_data: Path, tmp_path: Path) -> None:
     """Kill a run mid-epoch with SIGKILL, resume it: it ends with the same weights as a clean run
-    (with mixup and CutMix on, whose draws are seeded too)."""
-    clean = train_mod.train(tiny_config(tiny_data, tmp_path / "a", mixup=0.2, cutmix=1.0), progress=False)
+    (with mixup and CutMix on, whose draws are seeded too, and two optimizer parameter groups)."""
+    options = dict(mixup=0.2, cutmix=1.0, backbone_lr_scale=0.5)
+    clean = train_mod.train(tiny_config(tiny_data, tmp_path / "a", **options), progress=False)
 
-    cfg = tiny_config(tiny_data, tmp_path / "b", mixup=0.2, cutmix=1.0)
+    cfg = tiny_config(tiny_data, tmp_path / "b", **options)
     steps_per_epoch = 4  # 30 train photos / batch 8
     script = (
         "import sys; from pipeline import train as t; "
@@ -77,6 +78,25 @@ def test_training_is_reproducible_and_survives_a_kill(tiny_data: Path, tmp_path:
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.metrics["top1"] == clean.metrics["top1"]
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_backbone_lr_scale_slows_only_the_pretrained_layers(tiny_data: Path, tmp_path: Path) -> None:
+    """With a near-zero scale the backbone's weights stay where they started; the classifier moves."""
+    from pipeline.model import create_model
+
+    result = train_mod.train(tiny_config(tiny_data, tmp_path / "runs", epochs=1, backbone_lr_scale=1e-9),
+                             progress=False)
+    trained = torch.load(result.checkpoint, weights_only=True)["state_dict"]
+    torch.manual_seed(0)  # the seed train() draws the initial weights with
+    start, _ = create_model("resnet10t", len(result.manifest.classes), pretrained=False)
+    params = dict(start.named_parameters())
+    assert params.keys() <= trained.keys()
+    moved = {name for name, p in params.items() if not torch.allclose(trained[name], p, atol=1e-6)}
+    assert moved == {"fc.weight", "fc.bias"}
+
+    groups = train_mod.param_groups(start, 1e-3, 0.1)
+    assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1e-4)]
+    assert {id(p) for p in groups[0]["params"]} == {id(params["fc.weight"]), id(params["fc.bias"])}
 
 
 def test_existing_run_is_not_overwritten(tiny_data: Path, tmp_path: Path) -> None:
