@@ -94,6 +94,43 @@ def test_declared_inputs_match_the_manifest_contract(exported) -> None:
     assert len(problems) == 3 and "input shape" in problems[0] and "one score per class" in problems[2]
 
 
+def test_activation_range_ignores_an_outlier_photo() -> None:
+    from pipeline.export.ranges import percentile_range
+
+    maxs = [np.array([1.0, 2.0])] * 199 + [np.array([1000.0, 2.0])]
+    mins = [np.array([0.0, -2.0])] * 200
+    low, high = percentile_range(mins, maxs)
+    np.testing.assert_allclose(high, [1.0, 2.0])
+    np.testing.assert_allclose(low, [0.0, -2.0])
+
+
+def test_onnx_int8_pins_the_pixels_and_keeps_the_weights_closer_to_float(
+        exported, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The input's pixels are exact (scale 1, zero point -128), and of the 8-bit and 7-bit weight
+    candidates the artefact is the one whose onnxruntime logits are closer to the float model's."""
+    import onnx
+    from onnx import numpy_helper
+
+    from pipeline.export import onnx as onnx_driver
+
+    model, _ = train_mod.load_checkpoint(exported["run"].run_dir)
+    calibration, _ = val_inputs(exported)
+    kls: list[float] = []
+    measure = onnx_driver._mean_kl
+    monkeypatch.setattr(onnx_driver, "_mean_kl", lambda ref, probs: kls.append(measure(ref, probs)) or kls[-1])
+    graph = onnx.load_from_string(onnx_driver.export(model, "int8", calibration)).graph
+    assert len(kls) == 2  # the 8-bit, then the 7-bit candidate
+
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    cast = next(n for n in graph.node if n.op_type == "Cast" and onnx_driver.INPUT_NAME in n.input)
+    pixels = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == cast.output[0])
+    assert float(values[pixels.input[1]]) == 1.0 and int(values[pixels.input[2]]) == -128
+
+    largest = max(int(np.abs(v.astype(np.int32)).max()) for name, v in values.items()
+                  if name.endswith("weight_quantized"))
+    assert largest == (127 if kls[0] <= kls[1] else 64)
+
+
 def test_mobilenetv3_int8_tflite_is_full_integer(tiny_data: Path) -> None:
     from pipeline.model import ContractModel, create_model, preprocess_for
 

@@ -2,12 +2,9 @@
 
 - fp32 takes the contract's uint8 NHWC input (a CAST to float is the graph's first op).
 - INT8 is converted from the same model taking float pixels (0..255), then quantized with the
-  ``static_wi8_ai8`` recipe, calibrated on real photos. The quantizer's default calibration update
-  is a moving average, which under-covers the activation ranges of MobileNetV3's hardswish layers;
-  the plain min/max over all photos lets one outlier photo stretch a range for everyone. Each
-  tensor's range is therefore the 99th percentile of the per-photo minima/maxima (on the fine-tuned
-  MobileNetV3-Small: val top-1 87.9 % with min/max, 91.6 % with this). The input range is pinned to
-  the contract's [0, 255], so the input is int8 with scale 1 and zero point -128: a device feeds
+  ``static_wi8_ai8`` recipe, calibrated on real photos, with the activation ranges of ``ranges.py``
+  (the quantizer's own moving-average update is replaced). The input range is pinned to the
+  contract's [0, 255], so the input is int8 with scale 1 and zero point -128: a device feeds
   ``pixel - 128`` and no float op is left in the graph.
 
 Tensor names are cut to their last path component (plus the tensor index, to stay unique):
@@ -26,9 +23,7 @@ from torch import nn
 from edge.head import with_new_head  # noqa: F401  (a head change's fp32 artefact: see bundle.py)
 from edge.runtimes import TFLiteRunner as Runner  # noqa: F401  (the driver interface)
 from pipeline.export import check_precision
-
-INPUT_RANGE = (0.0, 255.0)
-RANGE_PERCENTILE = 99.0  # of per-photo activation extremes (see the module docstring)
+from pipeline.export.ranges import INPUT_RANGE, percentile_range
 
 
 def export(model: nn.Module, precision: str, calibration: np.ndarray) -> bytes:
@@ -77,8 +72,8 @@ def _keep_per_photo_ranges(qsv: dict, new: dict) -> dict:
 def _percentile_range(qsv: dict) -> dict:
     if "maxs" not in qsv:  # seen by one photo only
         return {"min": qsv["min"], "max": qsv["max"]}
-    return {"min": np.percentile(np.stack(qsv["mins"]), 100 - RANGE_PERCENTILE, axis=0).astype(np.float32),
-            "max": np.percentile(np.stack(qsv["maxs"]), RANGE_PERCENTILE, axis=0).astype(np.float32)}
+    low, high = percentile_range(qsv["mins"], qsv["maxs"])
+    return {"min": low, "max": high}
 
 
 def _short_tensor_names(flatbuffer: bytes) -> bytes:
