@@ -144,6 +144,41 @@ def test_mobilenetv3_int8_tflite_is_full_integer(tiny_data: Path) -> None:
     assert tflite_driver.tensor_types(flatbuffer) <= {"int8", "int32"}
 
 
+def test_int8_tflite_keeps_the_bias_of_a_channel_with_all_zero_weights(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dead output channel (weights all zero, as training leaves some) still outputs its bias."""
+    import torch
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = torch.nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # the contract: uint8 NHWC in
+            x = x.permute(0, 3, 1, 2).float() / 255
+            return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    with torch.no_grad():
+        model.conv.weight[0] = 0
+        model.conv.bias[0] = 2.0  # channel 0 is the constant 2
+        model.fc.weight[:, 0] = torch.tensor([3.0, -3.0, 0.0])
+    images = np.random.default_rng(0).integers(0, 256, (32, 16, 16, 3), dtype=np.uint8)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images)).numpy()
+
+    def int8_error() -> float:
+        path = tmp_path / "tiny.tflite"
+        path.write_bytes(tflite_driver.export(model, "int8", images))
+        return float(np.abs(tflite_driver.Runner(path)(images) - expected).max())
+
+    assert int8_error() < 0.2
+    monkeypatch.setattr(tflite_driver, "_requantize_dead_channels", lambda _float, quantized: quantized)
+    assert int8_error() > 1.0  # the quantizer's own bias for that channel
+
+
 def test_new_head_written_into_the_fp32_tflite_equals_a_conversion(exported, run_cache, tmp_path: Path) -> None:
     """A head change reuses the converted graph: the classifier's weights (any class count) are
     written into it, and it computes what PyTorch computes with that head."""

@@ -32,7 +32,7 @@ def export(model: nn.Module, precision: str, calibration: np.ndarray) -> bytes:
         flatbuffer = _convert(model, torch.from_numpy(np.array(calibration[:1])))
     else:
         float_model = _convert(model, torch.from_numpy(calibration[:1].astype(np.float32)))
-        flatbuffer = _quantize_int8(float_model, calibration)
+        flatbuffer = _requantize_dead_channels(float_model, _quantize_int8(float_model, calibration))
     return _short_tensor_names(flatbuffer)
 
 
@@ -74,6 +74,44 @@ def _percentile_range(qsv: dict) -> dict:
         return {"min": qsv["min"], "max": qsv["max"]}
     low, high = percentile_range(qsv["mins"], qsv["maxs"])
     return {"min": low, "max": high}
+
+
+def _requantize_dead_channels(float_model: bytes, quantized: bytes) -> bytes:
+    """Fix the int32 bias of output channels whose weights are all zero (dead after training).
+
+    ai-edge-quantizer gives such a channel an epsilon weight scale (1e-9 / 127); its bias scale,
+    input scale x weight scale, is then so small that the bias overflows int32 and the channel
+    outputs garbage (a five-class MobileNetV3-Small with 45 dead channels: INT8 val top-1 26 %).
+    Any scale represents zero weights exactly, so a dead channel takes its layer's largest weight
+    scale and its bias is quantized again from the float model (same tensor indices)."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    float_graph = flatbuffer_utils.read_model_from_bytearray(bytearray(float_model))
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(quantized))
+    graph = model.subgraphs[0]
+    for op in graph.operators:
+        if len(op.inputs) < 3 or op.inputs[2] < 0:
+            continue
+        x, w, b = (graph.tensors[i] for i in op.inputs[:3])
+        if b.type != schema.TensorType.INT32 or w.quantization is None or len(w.quantization.scale) < 2:
+            continue
+        weights = np.frombuffer(model.buffers[w.buffer].data, np.int8).reshape(w.shape)
+        per_channel = np.moveaxis(weights, w.quantization.quantizedDimension, 0)
+        dead = ~per_channel.reshape(len(w.quantization.scale), -1).any(axis=1)
+        if not dead.any():
+            continue
+        weight_scale = np.array(w.quantization.scale, np.float32)
+        weight_scale[dead] = weight_scale.max()
+        bias_scale = np.float32(x.quantization.scale[0]) * weight_scale
+        float_bias = np.frombuffer(float_graph.buffers[float_graph.subgraphs[0].tensors[op.inputs[2]].buffer].data,
+                                   np.float32)
+        bias = np.frombuffer(model.buffers[b.buffer].data, np.int32).copy()
+        bias[dead] = np.clip(np.round(float_bias[dead] / bias_scale[dead]), -2**31, 2**31 - 1)
+        w.quantization.scale = weight_scale.tolist()
+        b.quantization.scale = bias_scale.tolist()
+        model.buffers[b.buffer].data = bias.view(np.uint8)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
 def _short_tensor_names(flatbuffer: bytes) -> bytes:
