@@ -87,7 +87,7 @@ def _requantize_dead_channels(float_model: bytes, quantized: bytes) -> bytes:
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.tools import flatbuffer_utils
 
-    float_graph = flatbuffer_utils.read_model_from_bytearray(bytearray(float_model))
+    float_tflite = flatbuffer_utils.read_model_from_bytearray(bytearray(float_model))
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(quantized))
     graph = model.subgraphs[0]
     for op in graph.operators:
@@ -104,8 +104,8 @@ def _requantize_dead_channels(float_model: bytes, quantized: bytes) -> bytes:
         weight_scale = np.array(w.quantization.scale, np.float32)
         weight_scale[dead] = weight_scale.max()
         bias_scale = np.float32(x.quantization.scale[0]) * weight_scale
-        float_bias = np.frombuffer(float_graph.buffers[float_graph.subgraphs[0].tensors[op.inputs[2]].buffer].data,
-                                   np.float32)
+        float_bias_tensor = float_tflite.subgraphs[0].tensors[op.inputs[2]]
+        float_bias = np.frombuffer(float_tflite.buffers[float_bias_tensor.buffer].data, np.float32)
         bias = np.frombuffer(model.buffers[b.buffer].data, np.int32).copy()
         bias[dead] = np.clip(np.round(float_bias[dead] / bias_scale[dead]), -2**31, 2**31 - 1)
         w.quantization.scale = weight_scale.tolist()
