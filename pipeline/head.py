@@ -450,7 +450,8 @@ def remove_classes(source: Source, names: list[str], **options: Any) -> HeadResu
     """Drop classes; the ones after a removed class move up (ids stay 0..N-1 in order)."""
     unknown = [n for n in names if n not in source.manifest.class_names]
     if unknown:
-        raise HeadError(f"no class named {unknown}: the classes are {source.manifest.class_names}")
+        raise HeadError(f"no class named {', '.join(map(repr, unknown))}: "
+                        f"the classes are {', '.join(source.manifest.class_names)}")
     if len(set(names)) >= source.manifest.num_classes - 1:
         raise HeadError("a classifier needs at least two classes left")
     manifest = Manifest.from_dict(source.manifest.to_dict())
@@ -484,7 +485,7 @@ def _warn_duplicates(sources: list[ClassSource], new: dict[str, Path]) -> list[s
 def rename_class(manifest: Manifest, old: str, new: str) -> Manifest:
     """The same model under a new class name: a manifest change only (no retraining, same artefacts)."""
     if old not in manifest.class_names:
-        raise HeadError(f"no class named {old!r}: the classes are {manifest.class_names}")
+        raise HeadError(f"no class named {old!r}: the classes are {', '.join(manifest.class_names)}")
     if new in manifest.class_names:
         raise HeadError(f"class {new!r} already exists")
     renamed = Manifest.from_dict(manifest.to_dict())

@@ -212,7 +212,7 @@ def test_remove_and_rename(exported, tmp_path: Path) -> None:
     assert [c["name"] for c in retrained["classes"]] == ["cardboard", "jars"]
 
     done = cli("remove-class", "--from", str(bundle), "plastic", "--no-export")
-    assert done.exit_code == 1 and "no class named ['plastic']" in done.output
+    assert done.exit_code == 1 and "no class named 'plastic'" in done.output
 
     done = cli("rename-class", "--from", str(bundle), "glass", "bottles", "--out", str(tmp_path / "dist"))
     assert done.exit_code == 0, done.output
