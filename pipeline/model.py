@@ -90,6 +90,20 @@ def create_model(
         model = timm.create_model(arch, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
         return model, ModelInfo(arch=arch, preset=preset, weights_source="none")
 
+    model, info = _pretrained(arch, preset, weights, drop_rate)
+    model.reset_classifier(num_classes)
+    return model, info
+
+
+def imagenet_model(name: str, weights: str | Path | None = None) -> nn.Module:
+    """The pretrained model with its own ImageNet classifier (the teacher of ``--imagenet-distill``)."""
+    arch, preset = resolve_arch(name)
+    return _pretrained(arch, preset, weights, drop_rate=0.0)[0]
+
+
+def _pretrained(arch: str, preset: str | None, weights: str | Path | None,
+                drop_rate: float) -> tuple[nn.Module, ModelInfo]:
+    """The ImageNet model with its classifier, from ``weights``, the weights folder or the Hub."""
     weights_path = Path(weights) if weights else find_local_weights(arch)
     if weights_path is not None:
         state = load_state_dict(weights_path)
@@ -100,7 +114,6 @@ def create_model(
         except RuntimeError as e:
             first = str(e).splitlines()[0]
             raise WeightsError(f"{weights_path}: does not fit {arch} ({first})") from None
-        model.reset_classifier(num_classes)
         return model, ModelInfo(arch=arch, preset=preset, weights_source=f"file:{weights_path.name}",
                                 weights_sha256=sha256_file(weights_path))
 
@@ -111,7 +124,7 @@ def create_model(
         raise WeightsError(f"no ImageNet weights for {arch}: the Hugging Face Hub is unreachable and "
                            f"no local file was given. {advice}")
     try:
-        model = timm.create_model(tag, pretrained=True, num_classes=num_classes, drop_rate=drop_rate)
+        model = timm.create_model(tag, pretrained=True, drop_rate=drop_rate)
     except Exception as e:
         raise WeightsError(f"could not download {tag} from the Hub ({type(e).__name__}: {e}). {advice}") from None
     return model, ModelInfo(arch=arch, preset=preset, weights_source=f"hub:{tag}")

@@ -12,6 +12,7 @@ ends with the same weights as one never interrupted (same machine, same thread c
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import io
 import json
@@ -46,6 +47,7 @@ from pipeline.model import (
     backbone_sha256,
     classifier_prefix,
     create_model,
+    imagenet_model,
     preprocess_for,
     state_sha256,
 )
@@ -77,6 +79,7 @@ class TrainConfig:
     crop_scale_min: float = 0.35
     mixup: float = 0.0  # Beta alpha of mixup, 0 = off
     cutmix: float = 0.0  # Beta alpha of CutMix, 0 = off
+    imagenet_distill: float = 0.0  # weight of the ImageNet-knowledge term (ImagenetDistill), 0 = off
     patience: int = 12  # epochs without val improvement before stopping early
     seed: int = 0
     val_fraction: float = 0.15  # used only when the data has no splits.csv
@@ -146,8 +149,35 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+class ImagenetDistill:
+    """Learning without Forgetting toward ImageNet: a copy of the pretrained ImageNet classifier,
+    fed the fine-tuned features, is pulled toward the pretrained model's own ImageNet predictions
+    (KL divergence at temperature 2), so fine-tuning keeps more of what told ImageNet's 1,000
+    classes apart. Only this term's ImageNet head is extra; the shipped model is unchanged."""
+
+    temperature = 2.0
+
+    def __init__(self, model: torch.nn.Module, teacher: torch.nn.Module) -> None:
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.head = copy.deepcopy(teacher.get_classifier()).requires_grad_(True)
+        features: dict[str, torch.Tensor] = {}
+        # a closure, not a bound method: the EMA copy of the model deep-copies its hooks
+        model.get_classifier().register_forward_pre_hook(lambda _m, args: features.update(x=args[0]))
+        self._features = features
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        """For the batch ``x`` (normalized) the model has just run on."""
+        t = self.temperature
+        with torch.no_grad():
+            target = F.log_softmax(self.teacher(x) / t, 1)
+        student = F.log_softmax(self.head(self._features["x"]) / t, 1)
+        return t * t * F.kl_div(student, target, log_target=True, reduction="batchmean")
+
+
 def _run(cfg: TrainConfig, run_dir: Path, progress: bool) -> RunResult:
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    if cfg.imagenet_distill > 0 and not cfg.pretrained:
+        raise ValueError("--imagenet-distill needs the pretrained ImageNet model, not --no-pretrained")
     folder = data_mod.scan_folder(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
     torch.manual_seed(cfg.seed)  # the new head's initial weights
     model, model_info = create_model(cfg.model, len(folder.classes), pretrained=cfg.pretrained,
@@ -168,8 +198,12 @@ def _run(cfg: TrainConfig, run_dir: Path, progress: bool) -> RunResult:
 
     model = model.to(memory_format=torch.channels_last)
     normalize = Normalize(preprocess.input.mean, preprocess.input.std)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.backbone_lr_scale),
-                                  weight_decay=cfg.weight_decay)
+    groups = param_groups(model, cfg.lr, cfg.backbone_lr_scale)
+    distill = None
+    if cfg.imagenet_distill > 0:
+        distill = ImagenetDistill(model, imagenet_model(cfg.model, cfg.weights))
+        groups.append({"params": list(distill.head.parameters()), "lr": cfg.lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_set.labels) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = max(1, int(cfg.warmup_epochs * steps_per_epoch))
@@ -188,6 +222,8 @@ def _run(cfg: TrainConfig, run_dir: Path, progress: bool) -> RunResult:
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
+        if distill is not None:
+            distill.head.load_state_dict(state["imagenet_head"])
         start_epoch, best, bad_epochs = state["epoch"] + 1, state["best"], state["bad_epochs"]
         _truncate_metrics(run_dir / "metrics.jsonl", start_epoch)
         log.info("resuming %s at epoch %d", run_dir, start_epoch + 1)
@@ -212,10 +248,13 @@ def _run(cfg: TrainConfig, run_dir: Path, progress: bool) -> RunResult:
             x = augment(train_set.images[idx], gen).contiguous(memory_format=torch.channels_last)
             y = torch.from_numpy(train_set.labels[idx])
             x, partner, lam = data_mod.mix_batch(x, gen, cfg.mixup, cfg.cutmix)
-            logits = model(normalize(x))
+            x = normalize(x)
+            logits = model(x)
             loss = sum(share * F.cross_entropy(logits, target, weight=weights,
                                                label_smoothing=cfg.label_smoothing)
                        for share, target in ((lam, y), (1 - lam, y[partner])) if share > 0)
+            if distill is not None:
+                loss = loss + cfg.imagenet_distill * distill.loss(x)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -243,7 +282,8 @@ def _run(cfg: TrainConfig, run_dir: Path, progress: bool) -> RunResult:
             bad_epochs += 1
         with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        _save_resume_state(run_dir / "last.pt", model, optimizer, scheduler, ema, epoch, best, bad_epochs)
+        _save_resume_state(run_dir / "last.pt", model, optimizer, scheduler, ema, distill, epoch, best,
+                           bad_epochs)
         msg = (f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.3f}  "
                f"train {record['train_top1']:.3f}  val {val_top1:.4f}{'  *' if improved else ''}  "
                f"({record['seconds']:.0f}s)")
@@ -272,11 +312,12 @@ def save_checkpoint(path: Path, model: torch.nn.Module, manifest: Manifest, mani
     manifest.save(manifest_path)
 
 
-def _save_resume_state(path: Path, model, optimizer, scheduler, ema, epoch: int, best: float,
+def _save_resume_state(path: Path, model, optimizer, scheduler, ema, distill, epoch: int, best: float,
                        bad_epochs: int) -> None:
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
+                "imagenet_head": distill.head.state_dict() if distill else None,
                 "epoch": epoch, "best": best, "bad_epochs": bad_epochs}, buf)
     write_bytes_atomic(path, buf.getvalue())
 

@@ -49,10 +49,17 @@ def test_tiny_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
     assert model(torch.zeros(1, 32, 32, 3, dtype=torch.uint8)).shape == (1, 3)
 
 
-def test_training_is_reproducible_and_survives_a_kill(tiny_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("variant", ["mixing", "imagenet_distill"])
+def test_training_is_reproducible_and_survives_a_kill(variant: str, tiny_data: Path, tmp_path: Path,
+                                                      request: pytest.FixtureRequest) -> None:
     """Kill a run mid-epoch with SIGKILL, resume it: it ends with the same weights as a clean run
-    (with mixup and CutMix on, whose draws are seeded too, and two optimizer parameter groups)."""
-    options = dict(mixup=0.2, cutmix=1.0, backbone_lr_scale=0.5)
+    (with mixup and CutMix on, whose draws are seeded too, and two optimizer parameter groups; or
+    with the ImageNet distillation term, whose own head must be resumed too)."""
+    if variant == "mixing":
+        options = dict(mixup=0.2, cutmix=1.0, backbone_lr_scale=0.5)
+    else:
+        weights = request.getfixturevalue("peaked_imagenet_weights")
+        options = dict(model="mobilenetv3_small", pretrained=True, weights=str(weights), imagenet_distill=1.0)
     clean = train_mod.train(tiny_config(tiny_data, tmp_path / "a", **options), progress=False)
 
     cfg = tiny_config(tiny_data, tmp_path / "b", **options)
@@ -76,8 +83,50 @@ def test_training_is_reproducible_and_survives_a_kill(tiny_data: Path, tmp_path:
     b = torch.load(resumed.checkpoint, weights_only=True)["state_dict"]
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the best checkpoint may be epoch 1's (before the kill): the last weights must match too
+    a = torch.load(clean.run_dir / "last.pt", weights_only=True)["model"]
+    b = torch.load(resumed.run_dir / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.metrics["top1"] == clean.metrics["top1"]
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.fixture
+def peaked_imagenet_weights(imagenet_like_weights: Path, tmp_path: Path) -> Path:
+    """The random "ImageNet" weights give near-uniform predictions, which leave the distillation
+    term nothing to keep: a larger classifier makes them peaked, as real ImageNet predictions are."""
+    state = torch.load(imagenet_like_weights, weights_only=True)
+    state["classifier.weight"] = state["classifier.weight"] * 300
+    path = tmp_path / "weights" / imagenet_like_weights.name
+    path.parent.mkdir()
+    torch.save(state, path)
+    return path
+
+
+def test_imagenet_distill_pulls_toward_the_pretrained_predictions(peaked_imagenet_weights: Path) -> None:
+    from pipeline.model import create_model, imagenet_model
+
+    model, _ = create_model("mobilenetv3_small", 3, weights=peaked_imagenet_weights)
+    distill = train_mod.ImagenetDistill(model, imagenet_model("mobilenetv3_small", peaked_imagenet_weights))
+    x = torch.randn(4, 3, 64, 64)
+    model.eval()
+    model(x)
+    assert distill.loss(x).item() < 1e-6  # the pretrained backbone: the pretrained ImageNet predictions
+    with torch.no_grad():
+        model.conv_stem.weight.mul_(1.5)  # fine-tuning moved the features
+    model(x)
+    loss = distill.loss(x)
+    assert loss.item() > 1e-4
+    loss.backward()
+    assert model.conv_stem.weight.grad.abs().sum() > 0  # it pulls the backbone back
+    assert distill.head.weight.grad.abs().sum() > 0
+    assert model.get_classifier().weight.grad is None  # not the new classes' head
+    assert all(p.grad is None for p in distill.teacher.parameters())
+
+
+def test_imagenet_distill_needs_pretrained_weights(tiny_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="needs the pretrained ImageNet model"):
+        train_mod.train(tiny_config(tiny_data, tmp_path / "runs", imagenet_distill=1.0), progress=False)
 
 
 def test_backbone_lr_scale_slows_only_the_pretrained_layers(tiny_data: Path, tmp_path: Path) -> None:
