@@ -86,7 +86,7 @@ def main(verbose: bool) -> None:
               help="CutMix Beta alpha (e.g. 1.0); 0 = off. With --mixup too, one of the two per batch.")
 @click.option("--imagenet-distill", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Weight of a term that keeps the pretrained model's ImageNet predictions "
-                   "(Learning without Forgetting; e.g. 1); 0 = off. Costs ~20 % more time per epoch.")
+                   "(Learning without Forgetting; e.g. 1); 0 = off. About a quarter more time per epoch.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds weights, split (without splits.csv), order and augmentation.")
 @click.option("--threads", type=int, help="CPU threads.  [default: all cores]")
