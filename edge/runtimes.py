@@ -11,9 +11,15 @@ three, only the ExecuTorch runtime pulls in torch (its Python bindings take torc
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
+import os
 import platform
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +37,43 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+@contextlib.contextmanager
+def captured_output() -> Iterator[None]:
+    """Send what native code and Python print to stdout/stderr into a temp file for the duration
+    (converters print pages of progress, runtimes their CPU probing); replay it on stderr if the
+    body raises."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        failed = False
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
+            if failed:
+                log.seek(0)
+                sys.stderr.write(log.read().decode(errors="replace")[-20000:])
+
+
+def quiet_executorch_imports() -> None:
+    """ExecuTorch pulls in torchao, which logs "Failed to load ... .so" (CUDA kernels) and "no
+    triton" on every CPU-only import, and torch then logs that torchao registers an Enum the
+    deprecated way. None of it concerns exporting or running a .pte, and "Failed to load" in our
+    output reads like our failure; errors still show."""
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").addFilter(lambda r: "is an Enum subclass" not in r.getMessage())
 
 
 # --- LiteRT (.tflite) -------------------------------------------------------------------------
@@ -102,6 +145,7 @@ class ExecuTorchRunner:
     """A ``.pte`` in the ExecuTorch runtime (XNNPACK delegate)."""
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        quiet_executorch_imports()
         try:
             from executorch.extension.pybindings import portable_lib
             from executorch.runtime import Runtime
@@ -110,10 +154,11 @@ class ExecuTorchRunner:
         import torch
 
         self._from_numpy = torch.from_numpy
-        if threads:  # XNNPACK's shared threadpool; the runtime offers no per-method setting
-            portable_lib._unsafe_reset_threadpool(threads)
-        self.program = Runtime.get().load_program(Path(path))
-        self.method = self.program.load_method("forward")
+        with captured_output():  # XNNPACK prints its CPU probing when a method loads
+            if threads:  # XNNPACK's shared threadpool; the runtime offers no per-method setting
+                portable_lib._unsafe_reset_threadpool(threads)
+            self.program = Runtime.get().load_program(Path(path))
+            self.method = self.program.load_method("forward")
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         out = [self.method.execute([self._from_numpy(np.array(img[None]))])[0].numpy() for img in images]

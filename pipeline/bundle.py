@@ -16,16 +16,12 @@ interrupted export never leaves a half bundle under the final name.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +32,7 @@ from tqdm import tqdm
 
 from edge.bundle import input_contract_problems, sha256_file, verify
 from edge.head import HEAD_FILE, head_bytes
-from edge.runtimes import measure_latency, softmax
+from edge.runtimes import captured_output, measure_latency, softmax
 from pipeline import data as data_mod
 from pipeline.evaluate import predict_probs
 from pipeline.export import ARTEFACTS, ArtefactSpec, driver
@@ -226,9 +222,11 @@ def _build(model: Any, manifest: Manifest, data: ExportData, staging: Path, arte
             continue
         latency = measure_latency(runner, data.val_images[0])
         golden_probs[spec.file] = softmax(runner(golden_inputs)).round(6).tolist()
+        describe = getattr(driver(spec.format), "describe", None)  # facts only the file knows
         entries.append({
             "file": spec.file, "format": spec.format, "precision": spec.precision,
             "bytes": path.stat().st_size, "sha256": sha256_file(path), **io,
+            **(describe(payload) if describe else {}),
             "val": result, "latency_1thread": latency, "export_seconds": round(export_s, 1),
             "golden_tolerance": GOLDEN_TOLERANCE[spec.precision],
             **({"equalized_relu_boundaries": equalized} if spec.precision == "int8" else {}),
@@ -253,34 +251,6 @@ def _build(model: Any, manifest: Manifest, data: ExportData, staging: Path, arte
     _write_golden(staging / "golden", data, golden_inputs, golden_reference, golden_probs, classes)
     (staging / "report.md").write_text(report_markdown(bundle_manifest, failures), encoding="utf-8")
     return BundleResult(None, bundle_manifest, failures)
-
-
-@contextlib.contextmanager
-def captured_output() -> Iterator[None]:
-    """Send what native code and Python print to stdout/stderr into a temp file for the duration (the
-    converters print pages of progress and debug lines); replay it on stderr if the body raises."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with tempfile.TemporaryFile() as log:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            _restore(saved)
-            log.seek(0)
-            sys.stderr.write(log.read().decode(errors="replace")[-20000:])
-            raise
-        finally:
-            _restore(saved)
-
-
-def _restore(saved: tuple[int, int]) -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.dup2(saved[0], 1)
-    os.dup2(saved[1], 2)
 
 
 def _write_golden(folder: Path, data: ExportData, inputs: np.ndarray, reference: np.ndarray,

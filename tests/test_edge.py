@@ -5,6 +5,7 @@ camera loss, and bad input."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from PIL import Image
 from edge import classify, sources
 from edge.bundle import read_manifest
 from edge.preprocess import load_rgb, model_input
-from edge.runtimes import RuntimeMissing, choose_artefact
+from edge.runtimes import RuntimeMissing, captured_output, choose_artefact
 from edge.validate import validate_bundle
 from pipeline import data as data_mod
 from pipeline.manifest import Preprocess
@@ -303,6 +304,28 @@ def test_validate_passes_on_a_good_bundle(bundle: Path, capsys) -> None:
             assert golden["agreement"] == 1.0 and golden["max_prob_diff"] < 1e-4  # same runtime, same CPU
     assert classify.main(["--bundle", str(bundle), "--validate", "--model", "model_int8.onnx"]) == 0
     assert capsys.readouterr().out.strip().endswith("RESULT: PASS")
+
+
+def test_a_pte_run_prints_only_its_own_lines(bundle: Path) -> None:
+    """torchao's import-time "Failed to load ... .so" and "no triton" logs, torch's deprecation
+    about one of torchao's enums and XNNPACK's CPU probing are not ours to show."""
+    done = run_classify("--bundle", str(bundle), "--model", "model_fp32.pte", "--validate")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("RESULT: PASS")
+    for noise in ("Failed to load", "triton", "cpuinfo", "Enum subclass"):
+        assert noise not in done.stdout + done.stderr, noise
+
+
+def test_captured_output_replays_only_on_failure_and_closes_its_copies(capfd) -> None:
+    open_fds = len(os.listdir("/proc/self/fd"))
+    with captured_output():
+        os.write(2, b"native chatter\n")
+    with pytest.raises(RuntimeError, match="boom"), captured_output():
+        os.write(2, b"the converter said why\n")
+        raise RuntimeError("boom")
+    assert len(os.listdir("/proc/self/fd")) == open_fds
+    err = capfd.readouterr().err
+    assert "native chatter" not in err and "the converter said why" in err
 
 
 def test_validate_fails_on_a_tampered_artefact_before_running_it(bundle: Path, capsys) -> None:

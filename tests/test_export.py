@@ -118,7 +118,8 @@ def test_onnx_int8_pins_the_pixels_and_keeps_the_weights_closer_to_float(
     kls: list[float] = []
     measure = onnx_driver._mean_kl
     monkeypatch.setattr(onnx_driver, "_mean_kl", lambda ref, probs: kls.append(measure(ref, probs)) or kls[-1])
-    graph = onnx.load_from_string(onnx_driver.export(model, "int8", calibration)).graph
+    payload = onnx_driver.export(model, "int8", calibration)
+    graph = onnx.load_from_string(payload).graph
     assert len(kls) == 2  # the 8-bit, then the 7-bit candidate
 
     values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
@@ -129,6 +130,29 @@ def test_onnx_int8_pins_the_pixels_and_keeps_the_weights_closer_to_float(
     largest = max(int(np.abs(v.astype(np.int32)).max()) for name, v in values.items()
                   if name.endswith("weight_quantized"))
     assert largest == (127 if kls[0] <= kls[1] else 64)
+    assert onnx_driver.describe(payload) == {"weight_bits": 8 if kls[0] <= kls[1] else 7}  # the manifest's
+
+
+def test_onnx_weight_bits_read_from_the_file(exported) -> None:
+    """The manifest's weight_bits is what the INT8 file holds: 7 once its weights are cut to 7 bits."""
+    import onnx
+    from onnx import numpy_helper
+
+    from pipeline.export import onnx as onnx_driver
+
+    entry = next(a for a in exported["result"].manifest.artefacts if a["file"] == "model_int8.onnx")
+    payload = (exported["result"].path / entry["file"]).read_bytes()
+    assert entry["weight_bits"] == onnx_driver.describe(payload)["weight_bits"]
+    fp32 = (exported["result"].path / "model_fp32.onnx").read_bytes()
+    assert onnx_driver.describe(fp32) == {}
+
+    model = onnx.load_from_string(payload)
+    weights = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    for tensor in model.graph.initializer:
+        if tensor.name in weights and tensor.data_type == onnx.TensorProto.INT8 and len(tensor.dims) > 1:
+            halved = (numpy_helper.to_array(tensor).astype(np.int32) // 2).astype(np.int8)
+            tensor.CopyFrom(numpy_helper.from_array(halved, tensor.name))
+    assert onnx_driver.describe(model.SerializeToString()) == {"weight_bits": 7}
 
 
 def test_mobilenetv3_int8_tflite_is_full_integer(tiny_data: Path) -> None:

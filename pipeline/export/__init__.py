@@ -7,6 +7,8 @@ Every driver module has the same small interface (as timm's model families do):
 - ``Runner(path, threads=None)``: runs the artefact in its real runtime; ``runner(images)`` maps a
   uint8 NHWC batch to float logits, and ``runner.io`` describes its input/output tensors
   (name, shape, dtype, quantization) for the manifest.
+- optionally ``describe(payload) -> dict``: manifest facts only the file knows (the ONNX INT8
+  weight bits).
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
+
+from edge.runtimes import quiet_executorch_imports
+
+quiet_executorch_imports()  # before any driver imports torchao (see there)
 
 PRECISIONS = ("fp32", "int8")
 

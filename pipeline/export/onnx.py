@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 from torch import nn
 
 from edge.runtimes import OnnxRunner as Runner
@@ -60,6 +62,20 @@ def _quantize_int8(float_path: Path, calibration: np.ndarray, tmp: Path) -> Path
                         reduce_range=weight_bits == 7, extra_options={"TensorQuantOverrides": overrides})
         candidates[out] = _mean_kl(float_probs, softmax(Runner(out)(calibration)))
     return min(candidates, key=candidates.__getitem__)
+
+
+def describe(payload: bytes) -> dict[str, Any]:
+    """What the manifest cannot learn from the runtime: an INT8 model's weight bits (8, or 7 where
+    that was kept; see the module docstring). Weights are the int8 initializers a DequantizeLinear
+    reads (activations are not initializers, biases are int32); 7-bit ones span at most -64..64."""
+    graph = onnx.load_from_string(payload).graph
+    dequantized = {node.input[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+    weights = [numpy_helper.to_array(t) for t in graph.initializer
+               if t.name in dequantized and t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1]
+    if not weights:
+        return {}
+    largest = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+    return {"weight_bits": 8 if largest > 64 else 7}
 
 
 class _Photos:
