@@ -73,7 +73,11 @@ def quiet_executorch_imports() -> None:
     deprecated way. None of it concerns exporting or running a .pte, and "Failed to load" in our
     output reads like our failure; errors still show."""
     logging.getLogger("torchao").setLevel(logging.ERROR)
-    logging.getLogger("torch.utils._pytree").addFilter(lambda r: "is an Enum subclass" not in r.getMessage())
+    logging.getLogger("torch.utils._pytree").addFilter(_not_the_enum_deprecation)  # kept once if called again
+
+
+def _not_the_enum_deprecation(record: logging.LogRecord) -> bool:
+    return "is an Enum subclass" not in record.getMessage()
 
 
 # --- LiteRT (.tflite) -------------------------------------------------------------------------

@@ -316,6 +316,18 @@ def test_a_pte_run_prints_only_its_own_lines(bundle: Path) -> None:
         assert noise not in done.stdout + done.stderr, noise
 
 
+def test_quieting_executorch_twice_adds_nothing_more() -> None:
+    import logging
+
+    from edge.runtimes import quiet_executorch_imports
+
+    quiet_executorch_imports()
+    filters = list(logging.getLogger("torch.utils._pytree").filters)
+    quiet_executorch_imports()  # every ExecuTorchRunner calls it
+    assert logging.getLogger("torch.utils._pytree").filters == filters and filters
+    assert logging.getLogger("torchao.kernel.intmm").getEffectiveLevel() == logging.ERROR
+
+
 def test_captured_output_replays_only_on_failure_and_closes_its_copies(capfd) -> None:
     open_fds = len(os.listdir("/proc/self/fd"))
     with captured_output():
