@@ -143,14 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=3, help="classes shown per frame (default: 3)")
     parser.add_argument("--min-confidence", type=float, default=0.0, metavar="P",
                         help=f"below this top-1 probability the answer is '{UNCERTAIN}' (default: 0)")
-    parser.add_argument("--every", type=int, default=1, metavar="N", help="classify every N-th video/camera frame")
-    parser.add_argument("--max-frames", type=int, default=None, metavar="N", help="stop a camera after N frames")
+    parser.add_argument("--every", type=int, default=1, metavar="N",
+                        help="classify every N-th video/camera frame (default: 1, all)")
+    parser.add_argument("--max-frames", type=int, default=None, metavar="N",
+                        help="stop a camera after N frames (default: run until stopped)")
     parser.add_argument("--save", type=Path, metavar="DIR", help="write annotated frames to DIR")
     parser.add_argument("--json", action="store_true", help="one JSON object per line (and a JSON report)")
     parser.add_argument("--validate", action="store_true",
                         help="check sha256, tensors, golden set and latency on this device; no sources needed")
     parser.add_argument("--latency-runs", type=int, default=50, metavar="N",
-                        help="timed runs in --validate (>= 50)")
+                        help="timed runs in --validate (default and minimum: 50)")
     parser.add_argument("--head-update-from", type=Path, metavar="OLD_BUNDLE",
                         help="first rebuild the bundle's missing .tflite from OLD_BUNDLE's with the new head "
                              "(a head update: a new class list without downloading the model again)")
