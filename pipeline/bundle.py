@@ -199,17 +199,18 @@ def _build(model: Any, manifest: Manifest, data: ExportData, staging: Path, arte
     for spec in bar:
         bar.set_postfix_str(spec.file)
         path = staging / spec.file
+        fmt_driver = driver(spec.format)
         to_export = int8_model if spec.precision == "int8" else model
         t0 = time.perf_counter()
         payload = _with_new_head(model, spec, reusable)
         head_written = payload is not None
         if payload is None:
             with captured_output():  # the converters' own logs; shown only if the export fails
-                payload = driver(spec.format).export(to_export, spec.precision, data.calibration)
+                payload = fmt_driver.export(to_export, spec.precision, data.calibration)
         write_bytes_atomic(path, payload)
         export_s = time.perf_counter() - t0
         with captured_output():  # runtimes log their CPU probing
-            runner = driver(spec.format).Runner(path, threads=1)
+            runner = fmt_driver.Runner(path, threads=1)
         io = runner.io
         problems = input_contract_problems(io, manifest.preprocess.size, manifest.num_classes)
         probs = softmax(runner(data.val_images))
@@ -222,7 +223,7 @@ def _build(model: Any, manifest: Manifest, data: ExportData, staging: Path, arte
             continue
         latency = measure_latency(runner, data.val_images[0])
         golden_probs[spec.file] = softmax(runner(golden_inputs)).round(6).tolist()
-        describe = getattr(driver(spec.format), "describe", None)  # facts only the file knows
+        describe = getattr(fmt_driver, "describe", None)  # facts only the file knows
         entries.append({
             "file": spec.file, "format": spec.format, "precision": spec.precision,
             "bytes": path.stat().st_size, "sha256": sha256_file(path), **io,
