@@ -9,20 +9,20 @@ bundle needs the new bundle without that ``.tflite``, and rebuilds it here byte 
 (``apply_head_update``; ``edge/classify.py --head-update-from OLD_BUNDLE``): the rebuilt file must
 hash to the new manifest's sha256, or nothing is written.
 
-numpy and ai-edge-litert only (no torch), like the rest of ``edge/``.
+numpy only (no torch, no flatbuffers library), like the rest of ``edge/``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edge.bundle import BundleInvalid, read_manifest, sha256_file
-from edge.runtimes import RuntimeMissing
 
 HEAD_FILE = "head_fp32.bin"
 
@@ -66,7 +66,7 @@ def apply_head_update(bundle: str | Path, previous: str | Path) -> list[str]:
         rebuilt = with_new_head(source.read_bytes(), weight, bias)
         if rebuilt is None or hashlib.sha256(rebuilt).hexdigest() != entry["sha256"]:
             raise BundleInvalid(f"{target}: the rebuilt artefact does not match the manifest's sha256 "
-                                f"(another ai-edge-litert version?); copy the full {entry['file']} instead")
+                                f"(made by another trashsort version?); copy the full {entry['file']} instead")
         temporary = target.with_name(f".{target.name}.partial-{os.getpid()}")
         temporary.write_bytes(rebuilt)
         temporary.replace(target)
@@ -74,57 +74,111 @@ def apply_head_update(bundle: str | Path, previous: str | Path) -> list[str]:
     return written
 
 
+# The few fields of LiteRT's schema (tensorflow/compiler/mlir/lite/schema/schema.fbs) read here.
+MODEL_OPERATOR_CODES, MODEL_SUBGRAPHS, MODEL_BUFFERS = 1, 2, 4
+SUBGRAPH_TENSORS, SUBGRAPH_OUTPUTS, SUBGRAPH_OPERATORS = 0, 2, 3
+TENSOR_SHAPE, TENSOR_TYPE, TENSOR_BUFFER, TENSOR_SHAPE_SIGNATURE = 0, 1, 2, 7
+OPERATOR_OPCODE_INDEX, OPERATOR_INPUTS, OPERATOR_OUTPUTS = 0, 1, 2
+OPCODE_DEPRECATED_BUILTIN, OPCODE_BUILTIN = 0, 3
+BUFFER_DATA, BUFFER_OFFSET = 0, 1
+FULLY_CONNECTED, FLOAT32 = 9, 0
+
+
+class _Flatbuffer:
+    """Read-only navigation of a flatbuffer: tables, their fields, vectors (little-endian)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.root = self._u32(0)
+
+    def _u32(self, pos: int) -> int:
+        return struct.unpack_from("<I", self.data, pos)[0]
+
+    def field(self, table: int, index: int) -> int | None:
+        """Where field ``index`` of the table at ``table`` is stored; None when absent."""
+        vtable = table - struct.unpack_from("<i", self.data, table)[0]
+        vtable_size = struct.unpack_from("<H", self.data, vtable)[0]
+        if 4 + 2 * index >= vtable_size:
+            return None
+        offset = struct.unpack_from("<H", self.data, vtable + 4 + 2 * index)[0]
+        return table + offset if offset else None
+
+    def scalar(self, table: int, index: int, fmt: str) -> int:
+        pos = self.field(table, index)
+        return 0 if pos is None else struct.unpack_from(fmt, self.data, pos)[0]  # 0: the schema's default
+
+    def _vector(self, table: int, index: int) -> int | None:
+        pos = self.field(table, index)
+        return None if pos is None else pos + self._u32(pos)
+
+    def tables(self, table: int, index: int) -> list[int]:
+        vector = self._vector(table, index)
+        if vector is None:
+            return []
+        slots = (vector + 4 + 4 * k for k in range(self._u32(vector)))
+        return [slot + self._u32(slot) for slot in slots]
+
+    def ints(self, table: int, index: int) -> list[int]:
+        vector = self._vector(table, index)
+        if vector is None:
+            return []
+        return list(struct.unpack_from(f"<{self._u32(vector)}i", self.data, vector + 4))
+
+
 def with_new_head(flatbuffer: bytes, weight: np.ndarray, bias: np.ndarray) -> bytes | None:
     """The fp32 ``.tflite`` with the weight and bias of its last op, a fully-connected classifier,
     replaced (any number of classes); None if the graph does not end in one that fits.
 
     A head change leaves the rest of the graph as it was, and the conversion this skips is most of
-    a head change's time. The writer is deterministic (pure-Python flatbuffers); the pipeline gates
-    the result like any export, and a device checks its sha256."""
-    try:
-        from ai_edge_litert import schema_py_generated as schema
-        from ai_edge_litert.tools import flatbuffer_utils
-    except ImportError:
-        raise RuntimeMissing("a head update needs ai-edge-litert (pip install ai-edge-litert)") from None
-
-    model = flatbuffer_utils.read_model_from_bytearray(bytearray(flatbuffer))
-    graph = model.subgraphs[0]
-    if len(model.subgraphs) != 1 or len(graph.outputs) != 1:
+    a head change's time. The file is kept byte for byte: the new weight, bias and shapes are
+    appended and the fields that pointed at the old ones are re-pointed (a flatbuffer offset may
+    point anywhere after itself), so the old head stays behind as unused bytes (a few tens of KB;
+    a full export starts afresh). That is simple enough to do the same way on any device (the
+    Android core's ``HeadUpdate.kt`` does), byte for byte, with no flatbuffers library; the
+    pipeline gates the result like any export, and a device checks its sha256."""
+    fb = _Flatbuffer(flatbuffer)
+    graphs = fb.tables(fb.root, MODEL_SUBGRAPHS)
+    if len(graphs) != 1 or len(fb.ints(graphs[0], SUBGRAPH_OUTPUTS)) != 1:
         return None
-    output = int(graph.outputs[0])
-    producers = [op for op in graph.operators if output in list(op.outputs)]
-    if len(producers) != 1 or len(producers[0].inputs) != 3:
+    graph = graphs[0]
+    tensors, output = fb.tables(graph, SUBGRAPH_TENSORS), fb.ints(graph, SUBGRAPH_OUTPUTS)[0]
+    producers = [op for op in fb.tables(graph, SUBGRAPH_OPERATORS) if output in fb.ints(op, OPERATOR_OUTPUTS)]
+    if len(producers) != 1 or len(fb.ints(producers[0], OPERATOR_INPUTS)) != 3:
         return None
     op = producers[0]
-    code = model.operatorCodes[op.opcodeIndex]
-    if max(code.builtinCode, code.deprecatedBuiltinCode) != schema.BuiltinOperator.FULLY_CONNECTED:
+    code = fb.tables(fb.root, MODEL_OPERATOR_CODES)[fb.scalar(op, OPERATOR_OPCODE_INDEX, "<I")]
+    _, weight_index, bias_index = fb.ints(op, OPERATOR_INPUTS)
+    builtin = max(fb.scalar(code, OPCODE_DEPRECATED_BUILTIN, "<b"), fb.scalar(code, OPCODE_BUILTIN, "<i"))
+    if builtin != FULLY_CONNECTED or bias_index < 0:  # no bias (a converter drops an all-zero one): convert
         return None
-    _, weight_index, bias_index = (int(i) for i in op.inputs)
-    if bias_index < 0:  # the converter drops an all-zero bias: give the op one again
-        bias_index = op.inputs[2] = _new_tensor(model, graph, "classifier_bias", schema.TensorType.FLOAT32)
-    weight_tensor, bias_tensor = graph.tensors[weight_index], graph.tensors[bias_index]
-    classes = len(bias)
-    fits = (weight_tensor.type == bias_tensor.type == schema.TensorType.FLOAT32
-            and len(weight_tensor.shape) == 2 and weight_tensor.shape[1] == weight.shape[1]
-            and list(graph.tensors[output].shape) == [1, weight_tensor.shape[0]] and weight.shape[0] == classes)
-    shared = [t for t in graph.tensors if t.buffer in (weight_tensor.buffer, bias_tensor.buffer)]
-    if not fits or len(shared) != 2:
+    buffers = fb.tables(fb.root, MODEL_BUFFERS)
+    head = {tensors[weight_index]: weight, tensors[bias_index]: bias}
+    head_buffers = {fb.scalar(t, TENSOR_BUFFER, "<I") for t in head}
+    old_shape = fb.ints(tensors[weight_index], TENSOR_SHAPE)
+    fits = (all(fb.scalar(t, TENSOR_TYPE, "<b") == FLOAT32 for t in head)
+            and len(old_shape) == 2 and old_shape[1] == weight.shape[1] == weight.size // len(bias)
+            and fb.ints(tensors[output], TENSOR_SHAPE) == [1, old_shape[0]]
+            and sum(fb.scalar(t, TENSOR_BUFFER, "<I") in head_buffers for t in tensors) == 2  # not shared
+            and all(fb.field(buffers[b], BUFFER_DATA) is not None  # the data inside the flatbuffer
+                    and fb.scalar(buffers[b], BUFFER_OFFSET, "<Q") == 0 for b in head_buffers))
+    if not fits:
         return None
-    for tensor, values in ((weight_tensor, weight), (bias_tensor, bias)):
-        tensor.shape = np.array(values.shape, dtype=np.int32)
-        model.buffers[tensor.buffer].data = np.frombuffer(float32_bytes(values), np.uint8)
-    graph.tensors[output].shape = np.array([1, classes], dtype=np.int32)
-    if graph.tensors[output].shapeSignature is not None:
-        graph.tensors[output].shapeSignature = np.array([1, classes], dtype=np.int32)
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
+    out = bytearray(flatbuffer)
 
-def _new_tensor(model, graph, name: str, dtype: int) -> int:
-    """Append a constant tensor with its own (empty) buffer; its index."""
-    from ai_edge_litert import schema_py_generated as schema
+    def append_and_point(field: int, count: int, payload: bytes) -> None:
+        out.extend(bytes((12 - len(out)) % 16))  # the vector's data (after its length) 16-byte aligned
+        struct.pack_into("<I", out, field, len(out) - field)
+        out.extend(struct.pack("<I", count) + payload)
 
-    model.buffers.append(schema.BufferT())
-    tensor = schema.TensorT()
-    tensor.name, tensor.type, tensor.buffer = name.encode(), dtype, len(model.buffers) - 1
-    graph.tensors.append(tensor)
-    return len(graph.tensors) - 1
+    def int32s(values: tuple[int, ...]) -> tuple[int, bytes]:
+        return len(values), struct.pack(f"<{len(values)}i", *values)
+
+    for tensor, values in head.items():
+        data = float32_bytes(values)
+        append_and_point(fb.field(buffers[fb.scalar(tensor, TENSOR_BUFFER, "<I")], BUFFER_DATA), len(data), data)
+    for tensor, shape in [*((t, v.shape) for t, v in head.items()), (tensors[output], (1, len(bias)))]:
+        for index in (TENSOR_SHAPE, TENSOR_SHAPE_SIGNATURE):
+            if fb.field(tensor, index) is not None:
+                append_and_point(fb.field(tensor, index), *int32s(shape))
+    return bytes(out)

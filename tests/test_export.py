@@ -214,7 +214,7 @@ def test_int8_keeps_the_bias_of_a_channel_with_all_zero_weights(fmt: str, tmp_pa
 
 def test_new_head_written_into_the_fp32_tflite_equals_a_conversion(exported, run_cache, tmp_path: Path) -> None:
     """A head change reuses the converted graph: the classifier's weights (any class count) are
-    written into it, and it computes what PyTorch computes with that head."""
+    written into it, and it computes what PyTorch computes with that head, also when written again."""
     import torch
     from ai_edge_litert.tools import flatbuffer_utils
 
@@ -231,18 +231,26 @@ def test_new_head_written_into_the_fp32_tflite_equals_a_conversion(exported, run
     with torch.no_grad():
         reference = model(torch.from_numpy(images)).numpy()
 
-    # as converted, and as a converter writes a classifier whose bias is all zero: without the input
+    path = tmp_path / "head.tflite"
+    path.write_bytes(tflite_driver.with_new_head(converted, weight.numpy(), bias.numpy()))
+    runner = tflite_driver.Runner(path)
+    assert runner.io["outputs"][0]["shape"] == [1, 5]
+    np.testing.assert_allclose(runner(images), reference, rtol=1e-4, atol=1e-4)
+    # again on the result (a second head change): back to the exported head, the exported outputs
+    original, _ = train_mod.load_checkpoint(exported["run"].run_dir)
+    back = original.model.get_classifier()
+    path.write_bytes(tflite_driver.with_new_head(path.read_bytes(), back.weight.detach().numpy(),
+                                                 back.bias.detach().numpy()))
+    np.testing.assert_allclose(tflite_driver.Runner(path)(images),
+                               tflite_driver.Runner(result.path / "model_fp32.tflite")(images), rtol=0, atol=0)
+
+    assert tflite_driver.with_new_head(converted, np.zeros((5, features + 1), np.float32),
+                                       np.zeros(5, np.float32)) is None  # a head that does not fit
+    # a converter drops an all-zero bias: no bias tensor to write into, so the export converts again
     dropped = flatbuffer_utils.read_model_from_bytearray(bytearray(converted))
     dropped.subgraphs[0].operators[-1].inputs[2] = -1
     without_bias = bytes(flatbuffer_utils.convert_object_to_bytearray(dropped))
-    for i, flatbuffer in enumerate((converted, without_bias)):
-        path = tmp_path / f"head{i}.tflite"
-        path.write_bytes(tflite_driver.with_new_head(flatbuffer, weight.numpy(), bias.numpy()))
-        runner = tflite_driver.Runner(path)
-        assert runner.io["outputs"][0]["shape"] == [1, 5]
-        np.testing.assert_allclose(runner(images), reference, rtol=1e-4, atol=1e-4)
-    assert tflite_driver.with_new_head(converted, np.zeros((5, features + 1), np.float32),
-                                       np.zeros(5, np.float32)) is None  # a head that does not fit
+    assert tflite_driver.with_new_head(without_bias, weight.numpy(), bias.numpy()) is None
 
 
 def test_gate_rules() -> None:
