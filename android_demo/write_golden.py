@@ -6,7 +6,9 @@
   sizes) as ARGB int32 pixels, with the input tensor ``edge/preprocess.py`` makes of them: the
   Kotlin preprocessing must give the same bytes;
 - random logits with their softmax and top-k (``edge/runtimes.py``): Kotlin must agree within 1e-6;
-- the manifest the tests parse (a real export's, ``core/src/test/resources/manifest.json`` by default).
+- the manifest the tests parse (a real export's, ``core/src/test/resources/manifest.json`` by default);
+- a head update: a small model converted by litert-torch, a new head for it, and the file
+  ``edge/head.py`` rebuilds from them: ``HeadUpdate.kt`` must write the same bytes.
 """
 
 from __future__ import annotations
@@ -46,6 +48,35 @@ def photos() -> list[tuple[str, np.ndarray]]:
     return out
 
 
+def write_head_update(out: Path) -> dict:
+    """previous.tflite (converted as the pipeline converts), head_fp32.bin (a 5-class head),
+    rebuilt.tflite (edge/head.py's result) and rebuilt_again.tflite (that one with 3 of the classes);
+    what the test needs to know of them."""
+    import torch  # only here: the rest of this script needs no torch
+    from torch import nn
+
+    from edge.bundle import sha256_file
+    from edge.head import head_bytes, with_new_head
+    from edge.runtimes import captured_output
+
+    out.mkdir()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    with captured_output():  # what litert-torch's imports and converter print
+        import litert_torch
+
+        previous = bytes(litert_torch.convert(model.eval(), (torch.rand(1, 3, 16, 16),)).model_content())
+    weight = np.random.default_rng(3).normal(size=(5, 8)).astype(np.float32)
+    bias = np.arange(5, dtype=np.float32) - 2
+    (out / "previous.tflite").write_bytes(previous)
+    (out / "head_fp32.bin").write_bytes(head_bytes(weight, bias))
+    rebuilt = with_new_head(previous, weight, bias)
+    (out / "rebuilt.tflite").write_bytes(rebuilt)
+    (out / "rebuilt_again.tflite").write_bytes(with_new_head(rebuilt, weight[:3], bias[:3]))  # a second update
+    files = ("previous.tflite", "head_fp32.bin", "rebuilt.tflite", "rebuilt_again.tflite")
+    return {name: sha256_file(out / name) for name in files} | {"shape": list(weight.shape)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
@@ -78,7 +109,9 @@ def main() -> None:
         probs = softmax(logits.astype(np.float64))[0]
         scores.append({"logits": logits[0].tolist(), "probs": probs.tolist(),
                        "top_k": np.argsort(-probs, kind="stable")[:3].tolist()})
-    (out / "index.json").write_text(json.dumps({"cases": cases, "scores": scores}, indent=1))
+    head_update = write_head_update(out / "head_update")
+    (out / "index.json").write_text(json.dumps({"cases": cases, "scores": scores, "head_update": head_update},
+                                               indent=1))
     print(f"wrote {len(cases)} preprocessing cases and {len(scores)} score cases to {out}")
 
 

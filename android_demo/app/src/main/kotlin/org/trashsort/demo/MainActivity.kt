@@ -28,6 +28,7 @@ import org.trashsort.core.Answer
 import org.trashsort.core.Artefact
 import org.trashsort.core.BundleCheck
 import org.trashsort.core.BundleException
+import org.trashsort.core.HeadUpdate
 import org.trashsort.core.Manifest
 import org.trashsort.core.ManifestException
 import org.trashsort.core.Preprocessor
@@ -37,13 +38,15 @@ import org.trashsort.core.Scores
  * Camera frames -> the bundle's model -> top-3 with confidence and recycling stream.
  * The bundle (manifest.json + .tflite/.pte) comes from assets/bundle/ (./gradlew :app:copyBundle);
  * everything about classes and preprocessing is read from its manifest, so a bundle with an added
- * class needs no code change. A missing or invalid bundle shows an error, never a crash.
+ * class needs no code change, and a head update (a new class list, a few KB) needs no new model either.
+ * A missing or invalid bundle shows an error, never a crash.
  */
 class MainActivity : AppCompatActivity() {
     private lateinit var result: TextView
     private lateinit var error: TextView
     private val analysis: ExecutorService = Executors.newSingleThreadExecutor()
     private var manifest: Manifest? = null
+    private var updateDir: File? = null  // a head update in use instead of assets/bundle/
     @Volatile private var backend: ModelBackend? = null
 
     private val askCamera = registerForActivityResult(ActivityResultContracts.RequestPermission()) { granted ->
@@ -56,12 +59,14 @@ class MainActivity : AppCompatActivity() {
         result = findViewById(R.id.result)
         error = findViewById(R.id.error)
         val loaded = try {
-            Manifest.parse(assets.open("bundle/manifest.json").bufferedReader().readText(), "assets/bundle/manifest.json")
+            openBundle()
         } catch (e: java.io.IOException) {
             return showError("No bundle in the app: run `make export-mobile`, then " +
                 "`./gradlew :app:copyBundle -Pbundle=../dist/<name>-v<version>` and rebuild.")
         } catch (e: ManifestException) {
             return showError(e.message ?: "invalid manifest")
+        } catch (e: BundleException) {
+            return showError("Head update: ${e.message}")
         }
         manifest = loaded
         val choices = loaded.artefacts.filter { it.format == "tflite" || it.format == "executorch" }
@@ -79,18 +84,50 @@ class MainActivity : AppCompatActivity() {
         else askCamera.launch(CAMERA)
     }
 
+    /**
+     * The bundle's manifest: the app's own (assets/bundle/), or a head update pushed next to it
+     * (`adb push <new bundle without its .tflite>/. /sdcard/Android/data/org.trashsort.demo/files/update/`),
+     * whose missing `.tflite` is rebuilt from the app's own file (HeadUpdate checks every hash) and
+     * which is then used instead.
+     */
+    private fun openBundle(): Manifest {
+        val update = getExternalFilesDir(null)?.let { File(it, "update") }
+        if (update == null || !File(update, "manifest.json").isFile) {
+            return Manifest.parse(assets.open("bundle/manifest.json").bufferedReader().readText(),
+                "assets/bundle/manifest.json")
+        }
+        val manifest = Manifest.parse(File(update, "manifest.json").readText(), "$update/manifest.json")
+        for (artefact in manifest.artefacts) {  // once: later starts find the rebuilt file (~0.1 s for 6 MB)
+            if (artefact.headUpdate != null && !File(update, artefact.file).isFile) {
+                val own = try {
+                    assets.open("bundle/${artefact.file}").use { it.readBytes() }
+                } catch (e: java.io.IOException) {
+                    throw BundleException("${artefact.file}: the app's own bundle has none to rebuild it from")
+                }
+                HeadUpdate.rebuild(update, artefact, own)
+            }
+        }
+        updateDir = update
+        return manifest
+    }
+
+    /** A file of the bundle in use (the head update's folder, or the app's assets); null if missing. */
+    private fun openFile(name: String): java.io.InputStream? {
+        val dir = updateDir ?: return try { assets.open("bundle/$name") } catch (e: java.io.IOException) { null }
+        return File(dir, name).takeIf { it.isFile }?.inputStream()
+    }
+
     /** Verify the artefact's bytes and contract, then load it (on the analysis thread). */
     private fun load(manifest: Manifest, artefact: Artefact) {
         backend?.close()
         backend = null
         try {
-            val path = "bundle/${artefact.file}"
-            val problems = BundleCheck.fileProblems(artefact, null) { assets.open(path) } +
+            val problems = BundleCheck.fileProblems(artefact, null) { openFile(artefact.file) } +
                 BundleCheck.contractProblems(artefact, manifest)
             if (problems.isNotEmpty()) throw BundleException(problems.joinToString("; "))
             val loaded = when (artefact.format) {
-                "tflite" -> LiteRtBackend(artefact, readAsset(path), threads = 4)
-                else -> ExecuTorchBackend(artefact, copyToFiles(path))
+                "tflite" -> LiteRtBackend(artefact, readModel(artefact.file), threads = 4)
+                else -> ExecuTorchBackend(artefact, copyToFiles(artefact.file))
             }
             val mismatch = BundleCheck.outputSizeProblems(artefact, loaded.outputSize, manifest)
             if (mismatch.isNotEmpty()) {
@@ -155,14 +192,15 @@ class MainActivity : AppCompatActivity() {
         }
     }
 
-    private fun readAsset(path: String): ByteBuffer {
-        val bytes = assets.open(path).use { it.readBytes() }
+    private fun readModel(name: String): ByteBuffer {
+        val bytes = openFile(name)?.use { it.readBytes() } ?: throw BundleException("$name: missing")
         return ByteBuffer.allocateDirect(bytes.size).order(ByteOrder.nativeOrder()).put(bytes).apply { rewind() }
     }
 
-    private fun copyToFiles(path: String): File {
-        val file = File(filesDir, path.substringAfterLast('/'))
-        assets.open(path).use { input -> file.outputStream().use { input.copyTo(it) } }
+    private fun copyToFiles(name: String): File {
+        val file = File(filesDir, name)
+        val input = openFile(name) ?: throw BundleException("$name: missing")
+        input.use { file.outputStream().use { out -> it.copyTo(out) } }
         return file
     }
 

@@ -33,6 +33,9 @@ data class Quantization(val scale: Double, val zeroPoint: Int)
 
 data class TensorInfo(val name: String, val shape: List<Int>, val dtype: String, val quantization: Quantization?)
 
+/** How a head-changed artefact is rebuilt from the previous bundle's (see [HeadUpdate]). */
+data class HeadUpdateInfo(val fromSha256: String, val file: String, val sha256: String, val classes: Int, val features: Int)
+
 data class Artefact(
     val file: String,
     val format: String,
@@ -41,6 +44,7 @@ data class Artefact(
     val sha256: String,
     val inputs: List<TensorInfo>,
     val outputs: List<TensorInfo>,
+    val headUpdate: HeadUpdateInfo? = null,
 )
 
 /** The bundle's manifest.json: the one source of classes, preprocessing and artefacts. */
@@ -154,11 +158,27 @@ data class Manifest(
                 val inputs = parseTensors(a.optJSONArray("inputs"), "${where}inputs", p)
                 val outputs = parseTensors(a.optJSONArray("outputs"), "${where}outputs", p)
                 val bytes = if (a.has("bytes") && !a.isNull("bytes")) a.optLong("bytes") else null
+                val head = a.optJSONObject("head_update")?.let { parseHeadUpdate(it, "${where}head_update.", p) }
                 if (file != null && format != null && precision != null && sha != null) {
-                    out.add(Artefact(file, format, precision, bytes, sha, inputs, outputs))
+                    out.add(Artefact(file, format, precision, bytes, sha, inputs, outputs, head))
                 }
             }
             return out
+        }
+
+        private fun parseHeadUpdate(obj: JSONObject, where: String, p: Problems): HeadUpdateInfo? {
+            val from = p.string(obj, "from_sha256", where)
+            val file = p.string(obj, "file", where)
+            val sha = p.string(obj, "sha256", where)
+            val shape = p.array(obj, "shape", where)
+            val dims = shape?.let { s -> (0 until s.length()).map { s.optInt(it, -1) } }
+            if (dims != null && (dims.size != 2 || dims.any { it <= 0 })) {
+                p.add("${where}shape: expected [classes, features] positive integers, got $shape")
+            }
+            if (from == null || file == null || sha == null || dims == null || dims.size != 2 || dims.any { it <= 0 }) {
+                return null
+            }
+            return HeadUpdateInfo(from, file, sha, dims[0], dims[1])
         }
 
         private fun parseTensors(array: JSONArray?, where: String, p: Problems): List<TensorInfo> {
