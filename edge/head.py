@@ -152,12 +152,12 @@ def with_new_head(flatbuffer: bytes, weight: np.ndarray, bias: np.ndarray) -> by
     if builtin != FULLY_CONNECTED or bias_index < 0:  # no bias (a converter drops an all-zero one): convert
         return None
     buffers = fb.tables(fb.root, MODEL_BUFFERS)
-    head = {tensors[weight_index]: weight, tensors[bias_index]: bias}
-    head_buffers = {fb.scalar(t, TENSOR_BUFFER, "<I") for t in head}
-    old_shape = fb.ints(tensors[weight_index], TENSOR_SHAPE)
-    fits = (all(fb.scalar(t, TENSOR_TYPE, "<b") == FLOAT32 for t in head)
-            and len(old_shape) == 2 and old_shape[1] == weight.shape[1] == weight.size // len(bias)
-            and fb.ints(tensors[output], TENSOR_SHAPE) == [1, old_shape[0]]
+    weight_tensor, bias_tensor, output_tensor = tensors[weight_index], tensors[bias_index], tensors[output]
+    head_buffers = {fb.scalar(t, TENSOR_BUFFER, "<I") for t in (weight_tensor, bias_tensor)}
+    old_shape = fb.ints(weight_tensor, TENSOR_SHAPE)
+    fits = (fb.scalar(weight_tensor, TENSOR_TYPE, "<b") == fb.scalar(bias_tensor, TENSOR_TYPE, "<b") == FLOAT32
+            and len(old_shape) == 2 and old_shape[1] == weight.shape[1] and weight.shape[0] == len(bias)
+            and fb.ints(output_tensor, TENSOR_SHAPE) == [1, old_shape[0]]
             and sum(fb.scalar(t, TENSOR_BUFFER, "<I") in head_buffers for t in tensors) == 2  # not shared
             and all(fb.field(buffers[b], BUFFER_DATA) is not None  # the data inside the flatbuffer
                     and fb.scalar(buffers[b], BUFFER_OFFSET, "<Q") == 0 for b in head_buffers))
@@ -171,14 +171,14 @@ def with_new_head(flatbuffer: bytes, weight: np.ndarray, bias: np.ndarray) -> by
         struct.pack_into("<I", out, field, len(out) - field)
         out.extend(struct.pack("<I", count) + payload)
 
-    def int32s(values: tuple[int, ...]) -> tuple[int, bytes]:
-        return len(values), struct.pack(f"<{len(values)}i", *values)
-
-    for tensor, values in head.items():
+    for tensor, values in ((weight_tensor, weight), (bias_tensor, bias)):
         data = float32_bytes(values)
-        append_and_point(fb.field(buffers[fb.scalar(tensor, TENSOR_BUFFER, "<I")], BUFFER_DATA), len(data), data)
-    for tensor, shape in [*((t, v.shape) for t, v in head.items()), (tensors[output], (1, len(bias)))]:
+        buffer = buffers[fb.scalar(tensor, TENSOR_BUFFER, "<I")]
+        append_and_point(fb.field(buffer, BUFFER_DATA), len(data), data)
+    shapes = ((weight_tensor, weight.shape), (bias_tensor, bias.shape), (output_tensor, (1, len(bias))))
+    for tensor, shape in shapes:
         for index in (TENSOR_SHAPE, TENSOR_SHAPE_SIGNATURE):
-            if fb.field(tensor, index) is not None:
-                append_and_point(fb.field(tensor, index), *int32s(shape))
+            field = fb.field(tensor, index)
+            if field is not None:
+                append_and_point(field, len(shape), struct.pack(f"<{len(shape)}i", *shape))
     return bytes(out)
