@@ -50,12 +50,12 @@ class HeadUpdateTest {
     fun refusesAnotherModelOrADamagedHeadAndWritesNothing() {
         val other = previous.copyOf().also { it[previous.size - 1] = (it[previous.size - 1] + 1).toByte() }
         val bundle = update()
-        assertTrue(expectError { HeadUpdate.rebuild(bundle, artefact, other) }.contains("not the one this head update"))
+        assertTrue(expectBundleError { HeadUpdate.rebuild(bundle, artefact, other) }.contains("not the one this head update"))
         val head = File(bundle, "head_fp32.bin")
         head.writeBytes(head.readBytes().copyOf(head.length().toInt() - 4) + ByteArray(4))
-        assertTrue(expectError { HeadUpdate.rebuild(bundle, artefact, previous) }.contains("sha256 differs"))
+        assertTrue(expectBundleError { HeadUpdate.rebuild(bundle, artefact, previous) }.contains("sha256 differs"))
         val wrongHash = artefact.copy(sha256 = "0".repeat(64))
-        assertTrue(expectError { HeadUpdate.rebuild(update(), wrongHash, previous) }.contains("does not match"))
+        assertTrue(expectBundleError { HeadUpdate.rebuild(update(), wrongHash, previous) }.contains("does not match"))
         assertFalse(File(bundle, "model_fp32.tflite").exists())
         assertEquals(listOf("head_fp32.bin"), bundle.list()!!.toList())
     }
@@ -85,14 +85,5 @@ class HeadUpdateTest {
     private fun head(bytes: ByteArray): Pair<FloatArray, FloatArray> {
         val values = ByteBuffer.wrap(bytes).order(ByteOrder.LITTLE_ENDIAN).asFloatBuffer()
         return FloatArray(shape[0] * shape[1]).also { values.get(it) } to FloatArray(shape[0]).also { values.get(it) }
-    }
-
-    private fun expectError(block: () -> Unit): String {
-        try {
-            block()
-        } catch (e: BundleException) {
-            return e.message!!
-        }
-        throw AssertionError("expected a BundleException")
     }
 }

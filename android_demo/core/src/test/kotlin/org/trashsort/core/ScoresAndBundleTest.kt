@@ -64,13 +64,4 @@ class ScoresAndBundleTest {
         val nchw = artefact.copy(inputs = listOf(artefact.inputs.single().copy(shape = listOf(1, 3, 224, 224))))
         assertTrue(BundleCheck.contractProblems(nchw, manifest).single().contains("is not [1, 224, 224, 3]"))
     }
-
-    private fun expectBundleError(block: () -> Unit): String {
-        try {
-            block()
-        } catch (e: BundleException) {
-            return e.message!!
-        }
-        throw AssertionError("expected a BundleException")
-    }
 }
