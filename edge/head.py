@@ -130,7 +130,7 @@ def with_new_head(flatbuffer: bytes, weight: np.ndarray, bias: np.ndarray) -> by
     replaced (any number of classes); None if the graph does not end in one that fits.
 
     A head change leaves the rest of the graph as it was, and the conversion this skips is most of
-    a head change's time. The file is kept byte for byte: the new weight, bias and shapes are
+    a head change's time. Every byte of the previous file stays: the new weight, bias and shapes are
     appended and the fields that pointed at the old ones are re-pointed (a flatbuffer offset may
     point anywhere after itself), so the old head stays behind as unused bytes (a few tens of KB;
     a full export starts afresh). That is simple enough to do the same way on any device (the

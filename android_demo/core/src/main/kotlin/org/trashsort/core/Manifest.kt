@@ -172,13 +172,12 @@ data class Manifest(
             val sha = p.string(obj, "sha256", where)
             val shape = p.array(obj, "shape", where)
             val dims = shape?.let { s -> (0 until s.length()).map { s.optInt(it, -1) } }
-            if (dims != null && (dims.size != 2 || dims.any { it <= 0 })) {
+            val classesAndFeatures = dims?.takeIf { it.size == 2 && it.all { d -> d > 0 } }
+            if (dims != null && classesAndFeatures == null) {
                 p.add("${where}shape: expected [classes, features] positive integers, got $shape")
             }
-            if (from == null || file == null || sha == null || dims == null || dims.size != 2 || dims.any { it <= 0 }) {
-                return null
-            }
-            return HeadUpdateInfo(from, file, sha, dims[0], dims[1])
+            if (from == null || file == null || sha == null || classesAndFeatures == null) return null
+            return HeadUpdateInfo(from, file, sha, classesAndFeatures[0], classesAndFeatures[1])
         }
 
         private fun parseTensors(array: JSONArray?, where: String, p: Problems): List<TensorInfo> {
