@@ -1,6 +1,7 @@
 """The edge runner on an emulated Raspberry Pi: arm64 Debian userland (``.ci/pi-rootfs.sh``), proot
 with qemu-aarch64 as a fake Cortex-A72, the aarch64 ai-edge-litert wheel. ``--validate`` must pass
-on the INT8 ``.tflite`` and the predictions must be those of x86.
+on the INT8 ``.tflite`` and the predictions must be those of x86; a head update must rebuild the
+pipeline's file there byte for byte.
 
 Skipped where the rootfs has not been built (``make pi-rootfs``), unless TRASHSORT_REQUIRE_PI=1 (CI).
 Emulated timings are not device latencies and are not reported anywhere.
@@ -27,10 +28,12 @@ if not READY and os.environ.get("TRASHSORT_REQUIRE_PI") == "1":
 pytestmark = pytest.mark.skipif(not READY, reason=f"no emulated Pi at {ROOT}: run `make pi-rootfs`")
 
 
-def run_on_pi(bundle: Path, *args: str) -> subprocess.CompletedProcess:
+def run_on_pi(bundle: Path, *args: str, previous: Path | None = None) -> subprocess.CompletedProcess:
+    """edge/classify.py on the emulated Pi, ``bundle`` as /work/bundle (``previous`` as /work/previous)."""
     command = [
         "proot", "-q", "qemu-aarch64-static", "-r", str(ROOT),
         "-b", f"{REPO / 'edge'}:/work/edge", "-b", f"{bundle}:/work/bundle",
+        *(["-b", f"{previous}:/work/previous"] if previous else []),
         "-b", f"{ROOT / 'opt/cpuinfo-cortex-a72'}:/proc/cpuinfo",
         "-b", f"{ROOT / 'opt/cpu-list'}:/sys/devices/system/cpu/possible",
         "-b", f"{ROOT / 'opt/cpu-list'}:/sys/devices/system/cpu/present",
@@ -61,3 +64,25 @@ def test_int8_tflite_validates_on_an_emulated_pi_and_agrees_with_x86(exported, t
         assert pi["label"] == x86["label"]
         assert [k["label"] for k in pi["top_k"]] == [k["label"] for k in x86["top_k"]]
         assert abs(pi["confidence"] - x86["confidence"]) <= 0.02
+
+
+def test_head_update_is_rebuilt_on_an_emulated_pi(exported, tmp_path: Path) -> None:
+    """A new class list sent as a head update: the Pi rebuilds the .tflite from its own, byte for byte."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from tests.test_head import photos
+
+    bundle = exported["result"].path
+    done = CliRunner().invoke(main, [
+        "add-class", "--from", str(bundle), "--images", str(photos(tmp_path / "battery", 12, (200, 30, 30))),
+        "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "dist"), "--formats", "tflite-fp32", "--quiet"])
+    assert done.exit_code == 0, done.output
+    (new_bundle,) = (tmp_path / "dist").iterdir()
+    update = Path(shutil.copytree(new_bundle, tmp_path / "update", ignore=shutil.ignore_patterns("*.tflite")))
+
+    done = run_on_pi(update, "--head-update-from", "/work/previous", "--validate", "--json", previous=bundle)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["machine"] == "Linux aarch64" and report["passed"], report
+    assert (update / "model_fp32.tflite").read_bytes() == (new_bundle / "model_fp32.tflite").read_bytes()
