@@ -68,15 +68,12 @@ def test_int8_tflite_validates_on_an_emulated_pi_and_agrees_with_x86(exported, t
 
 def test_head_update_is_rebuilt_on_an_emulated_pi(exported, tmp_path: Path) -> None:
     """A new class list sent as a head update: the Pi rebuilds the .tflite from its own, byte for byte."""
-    from click.testing import CliRunner
-
-    from pipeline.cli import main
-    from tests.test_head import photos
+    from tests.test_head import cli, photos
 
     bundle = exported["result"].path
-    done = CliRunner().invoke(main, [
-        "add-class", "--from", str(bundle), "--images", str(photos(tmp_path / "battery", 12, (200, 30, 30))),
-        "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "dist"), "--formats", "tflite-fp32", "--quiet"])
+    battery = photos(tmp_path / "battery", 12, (200, 30, 30))
+    done = cli("add-class", "--from", str(bundle), "--images", str(battery), "--runs", str(tmp_path / "runs"),
+               "--out", str(tmp_path / "dist"), "--formats", "tflite-fp32", "--quiet")
     assert done.exit_code == 0, done.output
     (new_bundle,) = (tmp_path / "dist").iterdir()
     update = Path(shutil.copytree(new_bundle, tmp_path / "update", ignore=shutil.ignore_patterns("*.tflite")))
