@@ -82,15 +82,19 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def create_model(
     name: str, num_classes: int, *, pretrained: bool = True, weights: str | Path | None = None,
-    drop_rate: float = 0.2,
+    drop_rate: float = 0.2, drop_path_rate: float = 0.0,
 ) -> tuple[nn.Module, ModelInfo]:
-    """A timm model with a fresh ``num_classes`` head on ImageNet features, and where they came from."""
+    """A timm model with a fresh ``num_classes`` head on ImageNet features, and where they came from.
+
+    ``drop_rate``: dropout before the classifier; ``drop_path_rate``: stochastic depth in the blocks
+    (both training-time only)."""
     arch, preset = resolve_arch(name)
+    regularization = {"drop_rate": drop_rate, "drop_path_rate": drop_path_rate}
     if not pretrained:
-        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **regularization)
         return model, ModelInfo(arch=arch, preset=preset, weights_source="none")
 
-    model, info = _pretrained(arch, preset, weights, drop_rate)
+    model, info = _pretrained(arch, preset, weights, regularization)
     model.reset_classifier(num_classes)
     return model, info
 
@@ -98,17 +102,17 @@ def create_model(
 def imagenet_model(name: str, weights: str | Path | None = None) -> nn.Module:
     """The pretrained model with its own ImageNet classifier (the teacher of ``--imagenet-distill``)."""
     arch, preset = resolve_arch(name)
-    return _pretrained(arch, preset, weights, drop_rate=0.0)[0]
+    return _pretrained(arch, preset, weights, {})[0]
 
 
 def _pretrained(arch: str, preset: str | None, weights: str | Path | None,
-                drop_rate: float) -> tuple[nn.Module, ModelInfo]:
+                regularization: dict[str, float]) -> tuple[nn.Module, ModelInfo]:
     """The ImageNet model with its classifier, from ``weights``, the weights folder or the Hub."""
     weights_path = Path(weights) if weights else find_local_weights(arch)
     if weights_path is not None:
         state = load_state_dict(weights_path)
-        model = timm.create_model(arch, pretrained=False, drop_rate=drop_rate,
-                                  num_classes=_head_size(model_state=state))
+        model = timm.create_model(arch, pretrained=False, num_classes=_head_size(model_state=state),
+                                  **regularization)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
@@ -124,7 +128,7 @@ def _pretrained(arch: str, preset: str | None, weights: str | Path | None,
         raise WeightsError(f"no ImageNet weights for {arch}: the Hugging Face Hub is unreachable and "
                            f"no local file was given. {advice}")
     try:
-        model = timm.create_model(tag, pretrained=True, drop_rate=drop_rate)
+        model = timm.create_model(tag, pretrained=True, **regularization)
     except Exception as e:
         raise WeightsError(f"could not download {tag} from the Hub ({type(e).__name__}: {e}). {advice}") from None
     return model, ModelInfo(arch=arch, preset=preset, weights_source=f"hub:{tag}")

@@ -75,7 +75,8 @@ class TrainConfig:
     label_smoothing: float = 0.1
     balance: bool = True  # class-weighted loss: trash is ~5 % of TrashNet
     ema_decay: float = 0.998  # 0 turns EMA off
-    drop_rate: float = 0.2
+    drop_rate: float = 0.2  # dropout before the classifier
+    drop_path_rate: float = 0.0  # stochastic depth in the blocks, 0 = off
     crop_scale_min: float = 0.35
     mixup: float = 0.0  # Beta alpha of mixup, 0 = off
     cutmix: float = 0.0  # Beta alpha of CutMix, 0 = off
@@ -181,7 +182,8 @@ def _run(cfg: TrainConfig, run_dir: Path, progress: bool) -> RunResult:
     folder = data_mod.scan_folder(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
     torch.manual_seed(cfg.seed)  # the new head's initial weights
     model, model_info = create_model(cfg.model, len(folder.classes), pretrained=cfg.pretrained,
-                                     weights=cfg.weights, drop_rate=cfg.drop_rate)
+                                     weights=cfg.weights, drop_rate=cfg.drop_rate,
+                                     drop_path_rate=cfg.drop_path_rate)
     preprocess = preprocess_for(model, cfg.size)
     size = preprocess.size[0]
     decoded = data_mod.decode_splits(folder, preprocess, progress=progress)

@@ -67,3 +67,20 @@ def test_contract_model_normalizes_inside() -> None:
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
         want = model((x - 0.5) / 0.5)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_drop_path_skips_blocks_only_in_training(imagenet_like_weights: Path) -> None:
+    model, _ = model_mod.create_model("mobilenetv3_small", 3, weights=imagenet_like_weights,
+                                      drop_rate=0.0, drop_path_rate=0.5)
+    x = torch.randn(2, 3, 64, 64)
+    model.train()
+    torch.manual_seed(0)
+    first = model(x)
+    assert not torch.allclose(first, model(x))  # a different set of blocks skipped each step
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+    # Without it, training mode is deterministic apart from batch-norm statistics.
+    plain, _ = model_mod.create_model("mobilenetv3_small", 3, weights=imagenet_like_weights, drop_rate=0.0)
+    plain.train()
+    assert torch.allclose(plain(x), plain(x))
