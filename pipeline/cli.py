@@ -88,8 +88,9 @@ def main(verbose: bool) -> None:
               help="Weight of a term that keeps the pretrained model's ImageNet predictions "
                    "(Learning without Forgetting; e.g. 1); 0 = off. About a quarter more time per epoch.")
 @click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
-              help="Stochastic depth: the chance of skipping a residual block in a training step "
-                   "(e.g. 0.2, as EfficientNet was pretrained with); 0 = off.")
+              help="Stochastic depth: the chance that a training step skips a residual block, rising "
+                   "with depth to this for the last one (e.g. 0.2, as EfficientNet was pretrained "
+                   "with); 0 = off.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds weights, split (without splits.csv), order and augmentation.")
 @click.option("--threads", type=int, help="CPU threads.  [default: all cores]")
