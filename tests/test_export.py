@@ -394,5 +394,104 @@ def test_executorch_int8_observes_relu6_after_the_clamp(monkeypatch: pytest.Monk
               if "quantize_per_tensor" in str(n.target) and n.args[0].name.startswith("hardtanh")]
     assert scales and max(scales) <= 6.0 / 255 * 1.01, scales
     ours = int8_error()
-    monkeypatch.setattr(et_driver, "Relu6AwareQuantizer", XNNPACKQuantizer)
+    monkeypatch.setattr(et_driver, "ActivationAwareQuantizer", XNNPACKQuantizer)
     assert ours < 0.5 * int8_error()
+
+
+def test_clip_to_a_saturating_activations_interval() -> None:
+    from pipeline.export.ranges import HARDSIGMOID_INPUT, HARDSWISH_INPUT, clip_to
+
+    low, high = clip_to(np.array([-40.0, -1.0]), np.array([20.0, 50.0]), HARDSWISH_INPUT)
+    np.testing.assert_allclose(low, [-3.0, -1.0])
+    np.testing.assert_allclose(high, [20.0, 50.0])
+    low, high = clip_to(np.array(-40.0), np.array(20.0), HARDSIGMOID_INPUT)
+    assert (float(low), float(high)) == (-3.0, 3.0)
+    # A tensor that never leaves the constant part keeps its range (nothing to resolve).
+    low, high = clip_to(np.array(-40.0), np.array(-5.0), HARDSWISH_INPUT)
+    assert (float(low), float(high)) == (-40.0, -5.0)
+
+
+def hardswish_model():
+    """A conv whose output spans about [-40, 40] before a hardswish (as MobileNetV3's do: most of
+    the negative part becomes 0), then a squeeze-excite style hardsigmoid gate; with photos."""
+    import torch
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.gate = torch.nn.Conv2d(8, 8, 1)
+            self.fc = torch.nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # the contract: uint8 NHWC in
+            x = torch.nn.functional.hardswish(self.conv(x.permute(0, 3, 1, 2).float() / 255 - 0.5))
+            gate = torch.nn.functional.hardsigmoid(self.gate(x.mean(dim=(2, 3), keepdim=True)))
+            return self.fc((x * gate).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    with torch.no_grad():
+        model.conv.weight.normal_(std=8.0)
+    images = np.random.default_rng(0).integers(0, 256, (32, 16, 16, 3), dtype=np.uint8)
+    with torch.no_grad():
+        assert float(model.conv(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - 0.5).min()) < -20
+    return model, images
+
+
+def hardswish_input_lowest(fmt: str, model, images: np.ndarray) -> float:
+    """The lowest value the INT8 artefact can represent at the hardswish's input (int8 level -128)."""
+    if fmt == "executorch":
+        import torch
+
+        exported = torch.export.export(model, (torch.from_numpy(images[:1]),))
+        graph = driver("executorch")._quantize(exported, images).graph
+        node = next(n for n in graph.nodes if n.target == torch.ops.aten.hardswish.default)
+        scale, zero_point = node.args[0].args[1:3]  # its dequantize's (scale, zero point)
+    elif fmt == "tflite":
+        from ai_edge_litert import schema_py_generated as schema
+        from ai_edge_litert.tools import flatbuffer_utils
+
+        tflite = flatbuffer_utils.read_model_from_bytearray(bytearray(tflite_driver.export(model, "int8", images)))
+        graph = tflite.subgraphs[0]
+        op = next(o for o in graph.operators if tflite.operatorCodes[o.opcodeIndex].builtinCode
+                  == schema.BuiltinOperator.HARD_SWISH)
+        quantization = graph.tensors[op.inputs[0]].quantization
+        scale, zero_point = quantization.scale[0], quantization.zeroPoint[0]
+    else:  # onnxruntime writes hardswish as x * HardSigmoid(x): the first HardSigmoid reads x
+        import onnx
+        from onnx import numpy_helper
+
+        graph = onnx.load_from_string(driver("onnx").export(model, "int8", images)).graph
+        values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        produced_by = {n.output[0]: n for n in graph.node}
+        dequantize = produced_by[next(n for n in graph.node if n.op_type == "HardSigmoid").input[0]]
+        scale, zero_point = values[dequantize.input[1]], values[dequantize.input[2]]
+    return float((-128 - int(zero_point)) * float(scale))
+
+
+@pytest.mark.parametrize("fmt", ["executorch", "tflite", "onnx"])
+def test_int8_spends_no_levels_where_hardswish_is_constant(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each INT8 driver quantizes a hardswish's input over [-3, max] only (below -3 it outputs 0),
+    not over the conv's whole range."""
+    model, images = hardswish_model()
+    assert -3.2 < hardswish_input_lowest(fmt, model, images) < -2.5
+    if fmt == "executorch":
+        monkeypatch.setattr(driver("executorch"), "SATURATING", {})
+    elif fmt == "tflite":
+        monkeypatch.setattr(tflite_driver, "_hardswish_inputs", lambda _model: set())
+    else:
+        monkeypatch.setattr(driver("onnx"), "_saturated_inputs", lambda _graph: {})
+    assert hardswish_input_lowest(fmt, model, images) < -15
+
+
+def test_onnx_finds_hardswish_and_hardsigmoid_inputs(tmp_path: Path) -> None:
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    model, images = hardswish_model()
+    float_path, prepared = tmp_path / "float.onnx", tmp_path / "prepared.onnx"
+    float_path.write_bytes(driver("onnx").export(model, "fp32", images))
+    quant_pre_process(str(float_path), str(prepared))
+    intervals = driver("onnx")._saturated_inputs(onnx.load(str(prepared)).graph)
+    found = sorted((round(low, 4), round(high, 4)) for low, high in intervals.values())
+    assert found == [(-3.0, 3.0), (-3.0, float("inf"))]  # the gate, and the hardswish (x * gate(x))

@@ -2,7 +2,9 @@
 calibrated on real photos. On a Jetson, onnxruntime's TensorRT or CUDA provider runs either.
 
 INT8 activation ranges follow ``ranges.py`` (as the LiteRT driver's do), given to onnxruntime as
-tensor overrides. Weights are per-channel int8, or 7-bit where that runs closer to the float model:
+tensor overrides; onnxruntime's pre-processing writes hardswish as ``x * HardSigmoid(x)``, so a
+tensor read only that way (or only by a HardSigmoid) is clipped to where the activation is not
+constant. Weights are per-channel int8, or 7-bit where that runs closer to the float model:
 onnxruntime's x86 kernels without VNNI (AVX2 only, as on this project's CI machine) multiply uint8
 by int8 with VPMADDUBSW, whose 16-bit pair sums saturate, and its ``quantize_static`` docs advise
 ``reduce_range`` (7-bit weights) there. On the fine-tuned EfficientNet-Lite0 the 8-bit model ran
@@ -27,7 +29,7 @@ from torch import nn
 from edge.runtimes import OnnxRunner as Runner
 from edge.runtimes import softmax
 from pipeline.export import check_precision
-from pipeline.export.ranges import INPUT_RANGE, percentile_range
+from pipeline.export.ranges import INPUT_RANGE, clip_to, percentile_range
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 OPSET = 17
@@ -106,9 +108,39 @@ def _activation_ranges(prepared: Path, calibration: np.ndarray, tmp: Path) -> di
                                      [p[name].range_value[1] for p in per_photo])
         overrides[name] = [{"rmin": low, "rmax": high}]
     graph = onnx.load(str(prepared)).graph
+    for name, interval in _saturated_inputs(graph).items():
+        if name in overrides:
+            low, high = clip_to(overrides[name][0]["rmin"], overrides[name][0]["rmax"], interval)
+            overrides[name] = [{"rmin": low, "rmax": high}]
     pixels = next(node.output[0] for node in graph.node if INPUT_NAME in node.input)  # the Cast to float
     overrides[pixels] = [{"rmin": np.float32(INPUT_RANGE[0]), "rmax": np.float32(INPUT_RANGE[1])}]
     return overrides
+
+
+def _saturated_inputs(graph: onnx.GraphProto) -> dict[str, tuple[float, float]]:
+    """Tensors read only by one HardSigmoid ``h`` (and by Muls computing ``x * h(x)``, hardswish),
+    with the interval of ``x`` where ``h`` is not constant (0 below ``-beta/alpha``, 1 above)."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    intervals = {}
+    outputs = {o.name for o in graph.output}
+    for name, nodes in readers.items():
+        if name in outputs:
+            continue
+        sigmoids = [n for n in nodes if n.op_type == "HardSigmoid"]
+        if len(sigmoids) != 1:
+            continue
+        gate = sigmoids[0]
+        others = [n for n in nodes if n is not gate]
+        if not all(n.op_type == "Mul" and set(n.input) == {name, gate.output[0]} for n in others):
+            continue
+        attrs = {a.name: a.f for a in gate.attribute}
+        alpha, beta = attrs.get("alpha", 0.2), attrs.get("beta", 0.5)  # ONNX's defaults
+        low, high = -beta / alpha, (1 - beta) / alpha
+        intervals[name] = (low, float("inf")) if others else (low, high)
+    return intervals
 
 
 def _mean_kl(reference: np.ndarray, probs: np.ndarray) -> float:

@@ -3,7 +3,8 @@
 - fp32 takes the contract's uint8 NHWC input (a CAST to float is the graph's first op).
 - INT8 is converted from the same model taking float pixels (0..255), then quantized with the
   ``static_wi8_ai8`` recipe, calibrated on real photos, with the activation ranges of ``ranges.py``
-  (the quantizer's own moving-average update is replaced). The input range is pinned to the
+  (the quantizer's own moving-average update is replaced; a HARD_SWISH's input clipped to where
+  it is not constant). The input range is pinned to the
   contract's [0, 255], so the input is int8 with scale 1 and zero point -128: a device feeds
   ``pixel - 128`` and no float op is left in the graph.
 
@@ -23,7 +24,7 @@ from torch import nn
 from edge.head import with_new_head  # noqa: F401  (a head change's fp32 artefact: see bundle.py)
 from edge.runtimes import TFLiteRunner as Runner  # noqa: F401  (the driver interface)
 from pipeline.export import check_precision
-from pipeline.export.ranges import INPUT_RANGE, percentile_range
+from pipeline.export.ranges import HARDSWISH_INPUT, INPUT_RANGE, clip_to, percentile_range
 
 
 def export(model: nn.Module, precision: str, calibration: np.ndarray) -> bytes:
@@ -55,6 +56,9 @@ def _quantize_int8(float_model: bytes, calibration: np.ndarray) -> bytes:
     samples = [{input_arg: img[None].astype(np.float32)} for img in calibration]
     calib.calibrate({signature: samples}, qt._recipe_manager)  # public calibrate() fixes the update rule
     qsvs = {name: _percentile_range(qsv) for name, qsv in calib.get_model_qsvs().items()}
+    for name in _hardswish_inputs(float_model) & qsvs.keys():
+        low, high = clip_to(qsvs[name]["min"], qsvs[name]["max"], HARDSWISH_INPUT)
+        qsvs[name] = {"min": low, "max": high}
     input_tensor = interpreter.get_input_details()[0]["name"]
     shape = qsvs[input_tensor]["min"].shape
     qsvs[input_tensor] = {"min": np.full(shape, INPUT_RANGE[0], np.float32),
@@ -74,6 +78,22 @@ def _percentile_range(qsv: dict) -> dict:
         return {"min": qsv["min"], "max": qsv["max"]}
     low, high = percentile_range(qsv["mins"], qsv["maxs"])
     return {"min": low, "max": high}
+
+
+def _hardswish_inputs(float_model: bytes) -> set[str]:
+    """Names of the tensors that only HARD_SWISH ops read."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(float_model))
+    graph = model.subgraphs[0]
+    hardswish_reads, other_reads = set(), set()
+    for op in graph.operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        is_hardswish = schema.BuiltinOperator.HARD_SWISH in (code.builtinCode, code.deprecatedBuiltinCode)
+        (hardswish_reads if is_hardswish else other_reads).update(int(i) for i in op.inputs)
+    names = [graph.tensors[i].name for i in hardswish_reads - other_reads - set(graph.outputs)]
+    return {n.decode() if isinstance(n, bytes) else n for n in names}
 
 
 def _requantize_dead_channels(float_model: bytes, quantized: bytes) -> bytes:
