@@ -5,8 +5,8 @@ INT8 activation ranges follow ``ranges.py`` (as the LiteRT driver's do), given t
 tensor overrides; onnxruntime's pre-processing writes hardswish as ``x * HardSigmoid(x)``, so a
 tensor read only that way (or only by a HardSigmoid) is clipped to where the activation is not
 constant. Weights are per-channel int8, or 7-bit where that runs closer to the float model:
-onnxruntime's x86 kernels without VNNI (AVX2 only, as on this project's CI machine) multiply uint8
-by int8 with VPMADDUBSW, whose 16-bit pair sums saturate, and its ``quantize_static`` docs advise
+onnxruntime's x86 kernels without VNNI (AVX2 only, as on the machine this was measured on)
+multiply uint8 by int8 with VPMADDUBSW, whose 16-bit pair sums saturate, and its docs advise
 ``reduce_range`` (7-bit weights) there. On the fine-tuned EfficientNet-Lite0 the 8-bit model ran
 2.6 pp below PyTorch on val in the fused integer kernels while the same graph run unfused was within
 0.8 pp; 7-bit weights: 0.5 pp. On MobileNetV3-Small 7-bit weights cost more than saturation does.
