@@ -80,7 +80,7 @@ def test_drop_path_skips_blocks_only_in_training(imagenet_like_weights: Path) ->
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(x), model(x))
-    # Without it, training mode is deterministic apart from batch-norm statistics.
+    # Without it, training mode answers the same twice (batch norm uses the batch's own statistics).
     plain, _ = model_mod.create_model("mobilenetv3_small", 3, weights=imagenet_like_weights, drop_rate=0.0)
     plain.train()
     assert torch.allclose(plain(x), plain(x))
