@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from tempfile import TemporaryDirectory
 
 import numpy as np
 import pytest
@@ -124,7 +125,8 @@ def test_onnx_int8_pins_the_pixels_and_keeps_the_weights_closer_to_float(
 
     values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     cast = next(n for n in graph.node if n.op_type == "Cast" and onnx_driver.INPUT_NAME in n.input)
-    pixels = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == cast.output[0])
+    transpose = next(n for n in graph.node if n.op_type == "Transpose" and cast.output[0] in n.input)  # to NCHW
+    pixels = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == transpose.output[0])
     assert float(values[pixels.input[1]]) == 1.0 and int(values[pixels.input[2]]) == -128
 
     largest = max(int(np.abs(v.astype(np.int32)).max()) for name, v in values.items()
@@ -495,3 +497,102 @@ def test_onnx_finds_hardswish_and_hardsigmoid_inputs(tmp_path: Path) -> None:
     intervals = driver("onnx")._saturated_inputs(onnx.load(str(prepared)).graph)
     found = sorted((round(low, 4), round(high, 4)) for low, high in intervals.values())
     assert found == [(-3.0, 3.0), (-3.0, float("inf"))]  # the gate, and the hardswish (x * gate(x))
+
+
+def xnnpack_graphs(program) -> list[dict]:
+    """The XNNPACK graph (nodes, values) inside each delegate of a lowered ExecuTorch program, read
+    with the flatc and schema that ship in the executorch package."""
+    import subprocess
+
+    import executorch
+    from executorch.backends.xnnpack.serialization.xnnpack_graph_serialize import XNNHeader
+
+    package = Path(next(iter(executorch.__path__)))
+    graphs = []
+    for name, module in program.exported_program().graph_module.named_children():
+        if not name.startswith("lowered_module"):
+            continue
+        payload = module.processed_bytes
+        header = XNNHeader.from_bytes(payload[:XNNHeader.EXPECTED_LENGTH])
+        with TemporaryDirectory() as tmp:
+            binary = Path(tmp) / "graph.bin"
+            binary.write_bytes(payload[header.flatbuffer_offset:header.flatbuffer_offset + header.flatbuffer_size])
+            subprocess.run([package / "data/bin/flatc", "--json", "--strict-json", "--raw-binary", "-o", tmp,
+                            package / "backends/xnnpack/serialization/schema.fbs", "--", binary], check=True)
+            text = (Path(tmp) / "graph.json").read_text()
+        graphs.append(json.loads(text.replace(": inf", ": 1e999").replace(": -inf", ": -1e999")))
+    return graphs
+
+
+def float_islands(graph: dict) -> list[str]:
+    """Ops that XNNPACK runs in float on values computed inside the graph (not the graph's float
+    input, not constants): in an INT8 graph, each sits between int8 -> float -> int8 conversions."""
+    computed_float = set()
+    for value in graph["xvalues"]:
+        union = value["xvalue_union"]
+        tensor = union.get("tensor_value", union)  # flatc leaves out fields that are 0
+        if (tensor["datatype"] == "xnn_datatype_fp32" and "constant_buffer_idx" not in tensor
+                and tensor.get("external_id", 0xFFFFFFFF) == 0xFFFFFFFF):
+            computed_float.add(tensor.get("id_out", 0))
+    return [node["xnode_union_type"] for node in graph["xnodes"] if node["xnode_union_type"] != "XNNConvert"
+            and any(node["xnode_union"].get(k) in computed_float for k in ("input_id", "input1_id", "input2_id"))]
+
+
+def test_executorch_int8_runs_pad_and_hardswish_in_int8(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A "SAME"-padded stride-2 conv (the tf_ models' explicit zero pad) and a hardswish stay in
+    int8 inside XNNPACK, with no int8 -> float -> int8 round trip around them, and the .pte in its
+    runtime computes what the quantized PyTorch graph does; out of the box both ran in float."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.export import executorch as et_driver
+
+    class Same(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
+            self.depthwise = torch.nn.Conv2d(8, 8, 3, stride=2, groups=8)
+            self.fc = torch.nn.Linear(8, 3)
+            self.register_buffer("scale", torch.full((1, 3, 1, 1), 1 / 127.5))
+            self.register_buffer("shift", torch.full((1, 3, 1, 1), -1.0))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # the contract: uint8 NHWC in
+            x = x.float().permute(0, 3, 1, 2) * self.scale + self.shift  # as ContractModel
+            x = F.hardswish(self.conv(F.pad(x, (0, 1, 0, 1))))
+            x = F.hardtanh(self.depthwise(F.pad(x, (0, 1, 0, 1))), 0.0, 6.0)  # nn.ReLU6
+            return self.fc(x.mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    model = Same().eval()
+    images = np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
+    exported = torch.export.export(model, (torch.from_numpy(images[:1]),))
+    quantized = et_driver._quantize(exported, images)
+
+    def lowered_graphs() -> list[dict]:
+        return xnnpack_graphs(et_driver.lower(torch.export.export(quantized, (torch.from_numpy(images[:1]),))))
+
+    graphs = lowered_graphs()
+    kinds = [n["xnode_union_type"] for g in graphs for n in g["xnodes"]]
+    assert kinds.count("XNNStaticConstantPad") == 2 and "XNNHardswish" in kinds
+    assert [island for g in graphs for island in float_islands(g)] == []
+
+    pte = et_driver.lower(torch.export.export(quantized, (torch.from_numpy(images[:1]),))).to_executorch().buffer
+    assert pte == et_driver.export(model, "int8", images)  # what the driver ships
+    with TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.pte"
+        path.write_bytes(pte)
+        got = driver("executorch").Runner(path)(images)
+    with torch.no_grad():
+        want = torch.cat([quantized(torch.from_numpy(images[i:i + 1])) for i in range(len(images))]).numpy()
+    scale = float(np.abs(want).max())
+    assert np.abs(got - want).max() < 0.05 * scale
+
+    # What the partitioner and quantizer did out of the box: pad and hardswish in float.
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+
+    monkeypatch.setattr(et_driver, "_share_input_quantization", lambda *args: None)
+    monkeypatch.setattr(et_driver, "_quantize_in_and_out", lambda *args: None)
+    monkeypatch.setattr(et_driver, "PARTITIONER_CONFIGS", ALL_PARTITIONER_CONFIGS)
+    quantized = et_driver._quantize(exported, images)
+    islands = [island for g in lowered_graphs() for island in float_islands(g)]
+    assert islands.count("XNNStaticConstantPad") == 2 and "XNNHardswish" in islands

@@ -60,12 +60,14 @@ def test_contract_model_normalizes_inside() -> None:
     model, _ = model_mod.create_model("mobilenetv3_small", 3, pretrained=False)
     model.eval()
     pre = model_mod.preprocess_for(model, size=64)
+    pre.input.mean, pre.input.std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # one per channel
     pixels = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
     contract = model_mod.ContractModel(model, pre).eval()
     with torch.no_grad():
         got = contract(torch.from_numpy(pixels))
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
-        want = model((x - 0.5) / 0.5)
+        mean, std = torch.tensor(pre.input.mean).view(1, 3, 1, 1), torch.tensor(pre.input.std).view(1, 3, 1, 1)
+        want = model((x - mean) / std)
     assert torch.allclose(got, want, atol=1e-5)
 
 

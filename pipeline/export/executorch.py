@@ -9,9 +9,17 @@ conv of a ReLU6 network (EfficientNet-Lite0) was quantized over its pre-clamp ra
 times wider than [0, 6]: val top-1 88.9 % against 93.9 % in PyTorch; 93.4 % with the observer
 after the clamp. XNNPACK fuses the clamp into the conv either way.
 
-Hardswish and hardsigmoid are not quantized ops here: the tensor before them (a conv's output) is
-observed, over all of its range. Its observer now sees only the interval the activation resolves
-(``ranges.py``: hardswish is 0 below -3), as the LiteRT and ONNX drivers' ranges do.
+The tensor before a hardswish or hardsigmoid (a conv's output) is observed only over the interval
+the activation resolves (``ranges.py``: hardswish is 0 below -3), as the LiteRT and ONNX drivers'
+ranges do.
+
+Out of the box the quantizer and the XNNPACK partitioner leave two ops in float between
+dequantize and quantize steps: the zero pad of the ``tf_`` models' "SAME" convs (five, on tensors up
+to 112x112x96) and MobileNetV3's hardswish. XNNPACK then converts int8 -> float -> int8 around
+each, and the INT8 ``.pte`` ran no faster than the fp32 one. Both are exact in int8 (a pad copies
+values and inserts the zero point; XNNPACK's int8 hardswish is a table of the 256 dequantize ->
+hardswish -> quantize results), so the pad now shares its input's quantization, hardswish gets an
+int8 input and output, and the partitioner takes both in int8.
 """
 
 from __future__ import annotations
@@ -20,15 +28,20 @@ import dataclasses
 
 import numpy as np
 import torch
+from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+from executorch.backends.xnnpack.partition.config.generic_node_configs import ConstantPadConfig, HardswishConfig
+from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
+from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
     CONV_TARGETS,
     XNNPACKQuantizer,
     get_symmetric_quantization_config,
 )
+from executorch.exir import EdgeProgramManager, to_edge_transform_and_lower
 from torch import nn
 from torchao.quantization.pt2e.observer import HistogramObserver
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, SharedQuantizationSpec
 from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 
 from edge.runtimes import ExecuTorchRunner as Runner  # noqa: F401  (the driver interface)
@@ -43,7 +56,7 @@ def export(model: nn.Module, precision: str, calibration: np.ndarray) -> bytes:
     exported = torch.export.export(model.eval(), (example,), strict=False)
     if precision == "int8":
         exported = torch.export.export(_quantize(exported, calibration), (example,), strict=False)
-    return _lower(exported)
+    return lower(exported).to_executorch().buffer
 
 
 CLAMPS = {torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default}
@@ -51,6 +64,8 @@ SATURATING = {  # activation -> the interval of its input it resolves (ranges.py
     torch.ops.aten.hardswish.default: HARDSWISH_INPUT, torch.ops.aten.hardswish_.default: HARDSWISH_INPUT,
     torch.ops.aten.hardsigmoid.default: HARDSIGMOID_INPUT, torch.ops.aten.hardsigmoid_.default: HARDSIGMOID_INPUT,
 }
+HARDSWISHES = {torch.ops.aten.hardswish.default, torch.ops.aten.hardswish_.default}
+PADS = {torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default}
 
 
 class SaturationObserver(HistogramObserver):
@@ -66,16 +81,23 @@ class SaturationObserver(HistogramObserver):
 
 
 class ActivationAwareQuantizer(XNNPACKQuantizer):
-    """XNNPACKQuantizer with conv -> hardtanh observed after the clamp, and the input of hardswish
-    and hardsigmoid observed only where they are not constant (see the module docstring)."""
+    """XNNPACKQuantizer with conv -> hardtanh observed after the clamp, the input of hardswish and
+    hardsigmoid observed only where they are not constant, and pad and hardswish quantized (see the
+    module docstring)."""
 
     def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
         model = super().annotate(model)
-        for node in model.graph.nodes:
-            if node.op == "call_function" and node.target in CLAMPS:
+        for node in model.graph.nodes:  # in graph order: a hardswish is annotated before a pad reading it
+            if node.op != "call_function":
+                continue
+            if node.target in CLAMPS:
                 _observe_after_clamp(node)
-            elif node.op == "call_function" and node.target in SATURATING:
+            elif node.target in SATURATING:
                 _observe_within(node.args[0], SATURATING[node.target])
+            if node.target in HARDSWISHES:
+                _quantize_in_and_out(node, self.global_config.output_activation)
+            elif node.target in PADS:
+                _share_input_quantization(node)
         return model
 
 
@@ -101,6 +123,39 @@ def _observe_within(node: torch.fx.Node, interval: tuple[float, float]) -> None:
     annotation.output_qspec = dataclasses.replace(spec, observer_or_fake_quant_ctr=observer)
 
 
+def _quantize_in_and_out(node: torch.fx.Node, output_qspec: object) -> None:
+    """An int8 op: its input keeps the producer's quantization, its output gets its own observer."""
+    source = node.args[0]
+    node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(
+        input_qspec_map={source: SharedQuantizationSpec(source)}, output_qspec=output_qspec, _annotated=True)
+
+
+def _share_input_quantization(node: torch.fx.Node) -> None:
+    """A value-preserving op (pad) in int8: input and output share the producer's quantization."""
+    source = node.args[0]
+    annotation = source.meta.get(Q_ANNOTATION_KEY) if isinstance(source, torch.fx.Node) else None
+    if annotation is None or annotation.output_qspec is None:
+        return
+    shared = SharedQuantizationSpec(source)
+    node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(
+        input_qspec_map={source: shared}, output_qspec=shared, _annotated=True)
+
+
+class Int8ConstantPadConfig(ConstantPadConfig):
+    def supported_precision_types(self) -> list[ConfigPrecisionType]:
+        return [ConfigPrecisionType.FP32, ConfigPrecisionType.STATIC_QUANT]
+
+
+class Int8HardswishConfig(HardswishConfig):
+    def supported_precision_types(self) -> list[ConfigPrecisionType]:
+        return [ConfigPrecisionType.FP32, ConfigPrecisionType.STATIC_QUANT]
+
+
+# XNNPACK's partitioner configs, with pad and hardswish also taken in int8 (module docstring)
+PARTITIONER_CONFIGS = [{ConstantPadConfig: Int8ConstantPadConfig, HardswishConfig: Int8HardswishConfig}.get(c, c)
+                       for c in ALL_PARTITIONER_CONFIGS]
+
+
 def _quantize(exported: torch.export.ExportedProgram, calibration: np.ndarray) -> nn.Module:
     """PT2E: prepare with the activation-aware XNNPACKQuantizer, run the calibration photos, convert."""
     quantizer = ActivationAwareQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
@@ -111,9 +166,6 @@ def _quantize(exported: torch.export.ExportedProgram, calibration: np.ndarray) -
     return convert_pt2e(prepared)
 
 
-def _lower(exported: torch.export.ExportedProgram) -> bytes:
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
-
-    program = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
-    return program.to_executorch().buffer
+def lower(exported: torch.export.ExportedProgram) -> EdgeProgramManager:
+    """The program with what XNNPACK takes delegated to it (``.to_executorch().buffer`` is the .pte)."""
+    return to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner(configs=PARTITIONER_CONFIGS)])

@@ -112,9 +112,20 @@ def _activation_ranges(prepared: Path, calibration: np.ndarray, tmp: Path) -> di
         if name in overrides:
             low, high = clip_to(overrides[name][0]["rmin"], overrides[name][0]["rmax"], interval)
             overrides[name] = [{"rmin": low, "rmax": high}]
-    pixels = next(node.output[0] for node in graph.node if INPUT_NAME in node.input)  # the Cast to float
-    overrides[pixels] = [{"rmin": np.float32(INPUT_RANGE[0]), "rmax": np.float32(INPUT_RANGE[1])}]
+    for pixels in _pixel_tensors(graph):
+        overrides[pixels] = [{"rmin": np.float32(INPUT_RANGE[0]), "rmax": np.float32(INPUT_RANGE[1])}]
     return overrides
+
+
+def _pixel_tensors(graph: onnx.GraphProto) -> list[str]:
+    """The input's pixels as float: the Cast's output and the Transpose to NCHW after it (the first
+    tensor quantized), which only move the 0..255 values."""
+    names, current = [], INPUT_NAME
+    while (readers := [n for n in graph.node if current in n.input]) and len(readers) == 1 \
+            and readers[0].op_type in ("Cast", "Transpose"):
+        current = readers[0].output[0]
+        names.append(current)
+    return names
 
 
 def _saturated_inputs(graph: onnx.GraphProto) -> dict[str, tuple[float, float]]:
