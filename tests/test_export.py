@@ -596,3 +596,32 @@ def test_executorch_int8_runs_pad_and_hardswish_in_int8(monkeypatch: pytest.Monk
     quantized = et_driver._quantize(exported, images)
     islands = [island for g in lowered_graphs() for island in float_islands(g)]
     assert islands.count("XNNStaticConstantPad") == 2 and "XNNHardswish" in islands
+
+
+def test_executorch_int8_leaves_pad_and_hardswish_after_a_float_op_in_float() -> None:
+    """Where the producer is not quantized (here a scalar divide and subtract), hardswish and pad
+    stay in float instead of sharing a quantization that does not exist; the export still runs."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.export import executorch as et_driver
+
+    class FloatFirst(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, stride=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = F.hardswish(x.float().permute(0, 3, 1, 2) / 64 - 2)
+            return self.conv(F.pad(x, (0, 1, 0, 1))).mean(dim=(2, 3))
+
+    torch.manual_seed(0)
+    model = FloatFirst().eval()
+    images = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    with TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.pte"
+        path.write_bytes(et_driver.export(model, "int8", images))
+        got = driver("executorch").Runner(path)(images)
+    with torch.no_grad():
+        want = model(torch.from_numpy(images)).numpy()
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()

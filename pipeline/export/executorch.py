@@ -124,8 +124,11 @@ def _observe_within(node: torch.fx.Node, interval: tuple[float, float]) -> None:
 
 
 def _quantize_in_and_out(node: torch.fx.Node, output_qspec: object) -> None:
-    """An int8 op: its input keeps the producer's quantization, its output gets its own observer."""
+    """An int8 op: its input keeps the producer's quantization, its output gets its own observer.
+    Left in float where the producer is not quantized."""
     source = node.args[0]
+    if _output_qspec(source) is None:
+        return
     node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(
         input_qspec_map={source: SharedQuantizationSpec(source)}, output_qspec=output_qspec, _annotated=True)
 
@@ -133,12 +136,16 @@ def _quantize_in_and_out(node: torch.fx.Node, output_qspec: object) -> None:
 def _share_input_quantization(node: torch.fx.Node) -> None:
     """A value-preserving op (pad) in int8: input and output share the producer's quantization."""
     source = node.args[0]
-    annotation = source.meta.get(Q_ANNOTATION_KEY) if isinstance(source, torch.fx.Node) else None
-    if annotation is None or annotation.output_qspec is None:
+    if _output_qspec(source) is None:
         return
     shared = SharedQuantizationSpec(source)
     node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(
         input_qspec_map={source: shared}, output_qspec=shared, _annotated=True)
+
+
+def _output_qspec(node: object) -> object:
+    annotation = node.meta.get(Q_ANNOTATION_KEY) if isinstance(node, torch.fx.Node) else None
+    return None if annotation is None else annotation.output_qspec
 
 
 class Int8ConstantPadConfig(ConstantPadConfig):
