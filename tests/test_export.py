@@ -117,8 +117,8 @@ def test_onnx_int8_pins_the_pixels_and_keeps_the_weights_closer_to_float(
     model, _ = train_mod.load_checkpoint(exported["run"].run_dir)
     calibration, _ = val_inputs(exported)
     kls: list[float] = []
-    measure = onnx_driver._mean_kl
-    monkeypatch.setattr(onnx_driver, "_mean_kl", lambda ref, probs: kls.append(measure(ref, probs)) or kls[-1])
+    measure = onnx_driver.mean_kl
+    monkeypatch.setattr(onnx_driver, "mean_kl", lambda ref, probs: kls.append(measure(ref, probs)) or kls[-1])
     payload = onnx_driver.export(model, "int8", calibration)
     graph = onnx.load_from_string(payload).graph
     assert len(kls) == 2  # the 8-bit, then the 7-bit candidate
@@ -577,7 +577,6 @@ def test_executorch_int8_runs_pad_and_hardswish_in_int8(monkeypatch: pytest.Monk
     assert [island for g in graphs for island in float_islands(g)] == []
 
     pte = et_driver.lower(torch.export.export(quantized, (torch.from_numpy(images[:1]),))).to_executorch().buffer
-    assert pte == et_driver.export(model, "int8", images)  # what the driver ships
     with TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pte"
         path.write_bytes(pte)
@@ -625,3 +624,43 @@ def test_executorch_int8_leaves_pad_and_hardswish_after_a_float_op_in_float() ->
     with torch.no_grad():
         want = model(torch.from_numpy(images)).numpy()
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+
+
+def test_executorch_percentile_observer_takes_the_shared_range_rule() -> None:
+    """The ExecuTorch percentile candidate ranges a tensor as the LiteRT and ONNX drivers do
+    (``ranges.py``: percentile of per-photo extremes, then clipped to a saturating interval)."""
+    import torch
+
+    from pipeline.export import executorch as et_driver
+    from pipeline.export.ranges import HARDSWISH_INPUT, clip_to, percentile_range
+
+    photos = [torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(200)]
+    photos[7] = photos[7] * 40  # one outlier photo
+    plain, within = et_driver.PercentileObserver(), et_driver.PercentileObserver(*HARDSWISH_INPUT)
+    for photo in photos:
+        assert plain(photo) is photo and within(photo) is photo
+    mins, maxs = [p.min().numpy() for p in photos], [p.max().numpy() for p in photos]
+    low, high = percentile_range(mins, maxs)
+    assert (float(plain.min_val), float(plain.max_val)) == pytest.approx((float(low), float(high)))
+    assert float(plain.max_val) < 0.5 * float(photos[7].max())  # the outlier photo does not set it
+    clipped = clip_to(low, high, HARDSWISH_INPUT)
+    assert (float(within.min_val), float(within.max_val)) == pytest.approx((float(clipped[0]), float(clipped[1])))
+
+
+def test_executorch_int8_keeps_the_candidate_closer_to_float(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both activation range rules are quantized; the export keeps the one whose logits on the
+    calibration photos are closer to the float model's (mean KL)."""
+    import torch
+
+    from pipeline.export import executorch as et_driver
+
+    model, images = hardswish_model()
+    exported = torch.export.export(model, (torch.from_numpy(images[:1]),))
+    candidates, kls = [], []
+    quantize, measure = et_driver._quantize, et_driver.mean_kl
+    monkeypatch.setattr(et_driver, "_quantize", lambda *args: candidates.append(quantize(*args)) or candidates[-1])
+    monkeypatch.setattr(et_driver, "mean_kl", lambda ref, probs: kls.append(measure(ref, probs)) or kls[-1])
+    chosen = et_driver._closest_int8(model, exported, images)
+    assert len(candidates) == len(et_driver.ACTIVATION_OBSERVERS) == len(kls) == 2
+    assert chosen is candidates[int(np.argmin(kls))]
+    assert kls[0] != kls[1]  # the two rules give different ranges here

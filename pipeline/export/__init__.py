@@ -17,6 +17,8 @@ import importlib
 from dataclasses import dataclass
 from types import ModuleType
 
+import numpy as np
+
 from edge.runtimes import quiet_executorch_imports
 
 quiet_executorch_imports()  # before any driver imports torchao (see there)
@@ -68,3 +70,10 @@ def select(keys: str | None) -> tuple[ArtefactSpec, ...]:
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: expected one of {list(PRECISIONS)}")
+
+
+def mean_kl(reference: np.ndarray, probs: np.ndarray) -> float:
+    """Mean KL divergence of ``probs`` from ``reference`` (rows of probabilities): how INT8 drivers
+    pick between candidates on the calibration photos."""
+    eps = 1e-9
+    return float((reference * (np.log(reference + eps) - np.log(probs + eps))).sum(1).mean())

@@ -28,7 +28,7 @@ from torch import nn
 
 from edge.runtimes import OnnxRunner as Runner
 from edge.runtimes import softmax
-from pipeline.export import check_precision
+from pipeline.export import check_precision, mean_kl
 from pipeline.export.ranges import INPUT_RANGE, clip_to, percentile_range
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
@@ -62,7 +62,7 @@ def _quantize_int8(float_path: Path, calibration: np.ndarray, tmp: Path) -> Path
         quantize_static(str(prepared), str(out), _Photos(calibration), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
                         reduce_range=weight_bits == 7, extra_options={"TensorQuantOverrides": overrides})
-        candidates[out] = _mean_kl(float_probs, softmax(Runner(out)(calibration)))
+        candidates[out] = mean_kl(float_probs, softmax(Runner(out)(calibration)))
     return min(candidates, key=candidates.__getitem__)
 
 
@@ -153,7 +153,3 @@ def _saturated_inputs(graph: onnx.GraphProto) -> dict[str, tuple[float, float]]:
         intervals[name] = (low, float("inf")) if others else (low, high)
     return intervals
 
-
-def _mean_kl(reference: np.ndarray, probs: np.ndarray) -> float:
-    eps = 1e-9
-    return float((reference * (np.log(reference + eps) - np.log(probs + eps))).sum(1).mean())

@@ -1,4 +1,5 @@
-"""INT8 activation ranges, one rule for the drivers that set ranges themselves (LiteRT, ONNX).
+"""INT8 activation ranges, one rule for the drivers that set ranges themselves (LiteRT, ONNX; and
+ExecuTorch's percentile candidate).
 
 A tensor's range is the 99th percentile of its per-photo minima and maxima over the calibration
 photos. The plain min/max over all photos lets one outlier photo stretch a range for everyone; a
