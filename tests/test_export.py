@@ -568,18 +568,18 @@ def test_executorch_int8_runs_pad_and_hardswish_in_int8(monkeypatch: pytest.Monk
     exported = torch.export.export(model, (torch.from_numpy(images[:1]),))
     quantized = et_driver._quantize(exported, images)
 
-    def lowered_graphs() -> list[dict]:
-        return xnnpack_graphs(et_driver.lower(torch.export.export(quantized, (torch.from_numpy(images[:1]),))))
+    def lowered(quantized_model):
+        return et_driver.lower(torch.export.export(quantized_model, (torch.from_numpy(images[:1]),)))
 
-    graphs = lowered_graphs()
+    program = lowered(quantized)
+    graphs = xnnpack_graphs(program)
     kinds = [n["xnode_union_type"] for g in graphs for n in g["xnodes"]]
     assert kinds.count("XNNStaticConstantPad") == 2 and "XNNHardswish" in kinds
     assert [island for g in graphs for island in float_islands(g)] == []
 
-    pte = et_driver.lower(torch.export.export(quantized, (torch.from_numpy(images[:1]),))).to_executorch().buffer
     with TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pte"
-        path.write_bytes(pte)
+        path.write_bytes(program.to_executorch().buffer)
         got = driver("executorch").Runner(path)(images)
     with torch.no_grad():
         want = torch.cat([quantized(torch.from_numpy(images[i:i + 1])) for i in range(len(images))]).numpy()
@@ -592,8 +592,8 @@ def test_executorch_int8_runs_pad_and_hardswish_in_int8(monkeypatch: pytest.Monk
     monkeypatch.setattr(et_driver, "_share_input_quantization", lambda *args: None)
     monkeypatch.setattr(et_driver, "_quantize_in_and_out", lambda *args: None)
     monkeypatch.setattr(et_driver, "PARTITIONER_CONFIGS", ALL_PARTITIONER_CONFIGS)
-    quantized = et_driver._quantize(exported, images)
-    islands = [island for g in lowered_graphs() for island in float_islands(g)]
+    islands = [island for g in xnnpack_graphs(lowered(et_driver._quantize(exported, images)))
+               for island in float_islands(g)]
     assert islands.count("XNNStaticConstantPad") == 2 and "XNNHardswish" in islands
 
 
