@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -626,41 +627,61 @@ def test_executorch_int8_leaves_pad_and_hardswish_after_a_float_op_in_float() ->
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
 
 
-def test_executorch_percentile_observer_takes_the_shared_range_rule() -> None:
-    """The ExecuTorch percentile candidate ranges a tensor as the LiteRT and ONNX drivers do
-    (``ranges.py``: percentile of per-photo extremes, then clipped to a saturating interval)."""
+def test_executorch_range_observer_takes_the_shared_percentile_rule() -> None:
+    """The ExecuTorch percentile rule ranges a tensor as the LiteRT and ONNX drivers do
+    (``ranges.py``: percentile of per-photo extremes, then clipped to a saturating interval), from
+    the same calibration pass as the histogram rule, which it leaves as PT2E computes it."""
     import torch
+    from torchao.quantization.pt2e.observer import HistogramObserver
 
     from pipeline.export import executorch as et_driver
     from pipeline.export.ranges import HARDSWISH_INPUT, clip_to, percentile_range
 
     photos = [torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(200)]
     photos[7] = photos[7] * 40  # one outlier photo
-    plain, within = et_driver.PercentileObserver(), et_driver.PercentileObserver(*HARDSWISH_INPUT)
+    plain, within = et_driver.RangeObserver(), et_driver.RangeObserver(*HARDSWISH_INPUT)
+    histogram = HistogramObserver()
     for photo in photos:
         assert plain(photo) is photo and within(photo) is photo
+        histogram(photo)
+    assert plain.calculate_qparams() == histogram.calculate_qparams()  # the default rule
+
+    def ranged(observer: et_driver.RangeObserver, low: float, high: float) -> tuple:
+        return observer._calculate_qparams(torch.tensor(low), torch.tensor(high))
+
+    plain.rule = within.rule = "percentile"
     mins, maxs = [p.min().numpy() for p in photos], [p.max().numpy() for p in photos]
     low, high = percentile_range(mins, maxs)
-    assert (float(plain.min_val), float(plain.max_val)) == pytest.approx((float(low), float(high)))
-    assert float(plain.max_val) < 0.5 * float(photos[7].max())  # the outlier photo does not set it
+    assert plain.calculate_qparams() == ranged(plain, float(low), float(high))
+    assert float(high) < 0.5 * float(photos[7].max())  # the outlier photo does not set it
     clipped = clip_to(low, high, HARDSWISH_INPUT)
-    assert (float(within.min_val), float(within.max_val)) == pytest.approx((float(clipped[0]), float(clipped[1])))
+    assert float(clipped[0]) > float(low)  # the interval clips this range
+    assert within.calculate_qparams() == ranged(within, float(clipped[0]), float(clipped[1]))
 
 
 def test_executorch_int8_keeps_the_candidate_closer_to_float(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both activation range rules are quantized; the export keeps the one whose logits on the
-    calibration photos are closer to the float model's (mean KL)."""
+    """Both activation range rules are quantized from one calibration pass; the export keeps the
+    one whose logits on the calibration photos are closer to the float model's (mean KL), and each
+    candidate equals that rule quantized on its own."""
     import torch
 
     from pipeline.export import executorch as et_driver
 
     model, images = hardswish_model()
     exported = torch.export.export(model, (torch.from_numpy(images[:1]),))
-    candidates, kls = [], []
-    quantize, measure = et_driver._quantize, et_driver.mean_kl
-    monkeypatch.setattr(et_driver, "_quantize", lambda *args: candidates.append(quantize(*args)) or candidates[-1])
-    monkeypatch.setattr(et_driver, "mean_kl", lambda ref, probs: kls.append(measure(ref, probs)) or kls[-1])
+    calibrations, candidates, kls = [], [], []
+
+    def recorded(results: list, function: Callable) -> Callable:
+        return lambda *args: results.append(function(*args)) or results[-1]
+
+    monkeypatch.setattr(et_driver, "_calibrated", recorded(calibrations, et_driver._calibrated))
+    monkeypatch.setattr(et_driver, "_converted", recorded(candidates, et_driver._converted))
+    monkeypatch.setattr(et_driver, "mean_kl", recorded(kls, et_driver.mean_kl))
     chosen = et_driver._closest_int8(model, exported, images)
-    assert len(candidates) == len(et_driver.ACTIVATION_OBSERVERS) == len(kls) == 2
+    assert len(calibrations) == 1 and len(candidates) == len(et_driver.RANGE_RULES) == len(kls) == 2
     assert chosen is candidates[int(np.argmin(kls))]
     assert kls[0] != kls[1]  # the two rules give different ranges here
+    monkeypatch.undo()
+    for rule, candidate in zip(et_driver.RANGE_RULES, candidates, strict=True):
+        alone = et_driver._quantize(exported, images, rule)
+        np.testing.assert_array_equal(et_driver._logits(candidate, images), et_driver._logits(alone, images))

@@ -28,6 +28,7 @@ int8 input and output, and the partitioner takes both in int8.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -44,7 +45,7 @@ from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
 )
 from executorch.exir import EdgeProgramManager, to_edge_transform_and_lower
 from torch import nn
-from torchao.quantization.pt2e.observer import HistogramObserver, MinMaxObserver
+from torchao.quantization.pt2e.observer import HistogramObserver
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec, SharedQuantizationSpec
 from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
@@ -74,27 +75,25 @@ HARDSWISHES = {torch.ops.aten.hardswish.default, torch.ops.aten.hardswish_.defau
 PADS = {torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default}
 
 
-class SaturationObserver(HistogramObserver):
-    """PT2E's histogram observer (it picks the range that minimizes the rounding error over all
-    calibration values), on the tensor clamped to ``[low, high]``: the interval its only reader, a
-    saturating activation, resolves (default: no clamp)."""
+# Activation range rules tried for each INT8 export; neither wins everywhere (module docstring).
+RANGE_RULES = ("histogram", "percentile")
+
+
+class RangeObserver(HistogramObserver):
+    """One calibration pass, both activation range rules; ``rule`` picks the one
+    ``calculate_qparams`` (and so ``convert_pt2e``) uses:
+
+    - ``histogram``: PT2E's histogram observer (the range that minimizes the rounding error over
+      all calibration values), on the tensor clamped to ``[low, high]``, the interval its only
+      reader, a saturating activation, resolves (default: no clamp);
+    - ``percentile``: the LiteRT and ONNX drivers' rule (``ranges.py``), the 99th percentile of
+      per-photo extremes (calibration runs one photo per call), clipped to ``[low, high]``.
+    """
 
     def __init__(self, low: float = -math.inf, high: float = math.inf, **kwargs: object) -> None:
         super().__init__(**kwargs)
         self.low, self.high = low, high
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        super().forward(x.clamp(self.low, self.high) if math.isfinite(self.low) or math.isfinite(self.high) else x)
-        return x
-
-
-class PercentileObserver(MinMaxObserver):
-    """The LiteRT and ONNX drivers' rule (``ranges.py``): the 99th percentile of per-photo extremes
-    (calibration runs one photo per call), clipped to ``[low, high]`` as above."""
-
-    def __init__(self, low: float = -math.inf, high: float = math.inf, **kwargs: object) -> None:
-        super().__init__(**kwargs)
-        self.low, self.high = low, high
+        self.rule = RANGE_RULES[0]
         self.photo_mins: list[np.ndarray] = []
         self.photo_maxs: list[np.ndarray] = []
 
@@ -102,14 +101,14 @@ class PercentileObserver(MinMaxObserver):
         x_detached = x.detach()
         self.photo_mins.append(x_detached.min().numpy())
         self.photo_maxs.append(x_detached.max().numpy())
-        low, high = clip_to(*percentile_range(self.photo_mins, self.photo_maxs), (self.low, self.high))
-        self.min_val.copy_(torch.as_tensor(low))
-        self.max_val.copy_(torch.as_tensor(high))
+        super().forward(x.clamp(self.low, self.high) if math.isfinite(self.low) or math.isfinite(self.high) else x)
         return x
 
-
-# Activation range rules tried for each INT8 export; neither wins everywhere (module docstring).
-ACTIVATION_OBSERVERS = (SaturationObserver, PercentileObserver)
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rule == "histogram":
+            return super().calculate_qparams()
+        low, high = clip_to(*percentile_range(self.photo_mins, self.photo_maxs), (self.low, self.high))
+        return self._calculate_qparams(torch.as_tensor(low), torch.as_tensor(high))
 
 
 class ActivationAwareQuantizer(XNNPACKQuantizer):
@@ -202,10 +201,12 @@ PARTITIONER_CONFIGS = [{ConstantPadConfig: Int8ConstantPadConfig, HardswishConfi
 
 
 def _closest_int8(model: nn.Module, exported: torch.export.ExportedProgram, calibration: np.ndarray) -> nn.Module:
-    """Quantized with each activation range rule; kept: the one whose logits on the calibration
-    photos are closer to the float model's (mean KL), as the ONNX driver picks its weight bits."""
+    """Quantized with each activation range rule (one calibration pass); kept: the one whose logits
+    on the calibration photos are closer to the float model's (mean KL), as the ONNX driver picks
+    its weight bits."""
     reference = softmax(_logits(model, calibration))
-    candidates = [_quantize(exported, calibration, observer) for observer in ACTIVATION_OBSERVERS]
+    calibrated = _calibrated(exported, calibration)
+    candidates = [_converted(calibrated, rule) for rule in RANGE_RULES]
     return min(candidates, key=lambda candidate: mean_kl(reference, softmax(_logits(candidate, calibration))))
 
 
@@ -215,16 +216,32 @@ def _logits(model: nn.Module, images: np.ndarray) -> np.ndarray:
 
 
 def _quantize(exported: torch.export.ExportedProgram, calibration: np.ndarray,
-              observer: type = SaturationObserver) -> nn.Module:
-    """PT2E: prepare with the activation-aware XNNPACKQuantizer, activations observed by
-    ``observer``, run the calibration photos, convert."""
+              rule: str = RANGE_RULES[0]) -> nn.Module:
+    """PT2E with one activation range rule: calibrate, convert."""
+    return _converted(_calibrated(exported, calibration), rule)
+
+
+def _calibrated(exported: torch.export.ExportedProgram, calibration: np.ndarray) -> torch.fx.GraphModule:
+    """PT2E: prepared with the activation-aware XNNPACKQuantizer, activations observed by
+    ``RangeObserver``, the calibration photos run through it."""
     config = get_symmetric_quantization_config(is_per_channel=True)
-    config = dataclasses.replace(config, input_activation=_observed_by(config.input_activation, observer),
-                                 output_activation=_observed_by(config.output_activation, observer))
+    config = dataclasses.replace(config, input_activation=_observed_by(config.input_activation, RangeObserver),
+                                 output_activation=_observed_by(config.output_activation, RangeObserver))
     prepared = prepare_pt2e(exported.module(), ActivationAwareQuantizer().set_global(config))
     with torch.no_grad():
         for image in calibration:  # batch 1: the exported shape
             prepared(torch.from_numpy(np.array(image[None])))
+    return prepared
+
+
+def _converted(calibrated: torch.fx.GraphModule, rule: str) -> nn.Module:
+    """A quantized copy of a calibrated model, its activations ranged by ``rule``."""
+    if rule not in RANGE_RULES:
+        raise ValueError(f"unknown activation range rule {rule!r}: expected one of {list(RANGE_RULES)}")
+    prepared = copy.deepcopy(calibrated)  # convert_pt2e replaces the observers in place
+    for module in prepared.modules():
+        if isinstance(module, RangeObserver):
+            module.rule = rule
     return convert_pt2e(prepared)
 
 
