@@ -660,15 +660,16 @@ def test_executorch_range_observer_takes_the_shared_percentile_rule() -> None:
 
 
 def test_executorch_int8_keeps_the_candidate_closer_to_float(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both activation range rules are quantized from one calibration pass; the export keeps the
-    one whose logits on the calibration photos are closer to the float model's (mean KL), and each
-    candidate equals that rule quantized on its own."""
+    """Four candidates, the model as it is and bias-corrected, each calibrated once and converted
+    with both activation range rules; the export keeps the one whose logits on the calibration
+    photos are closer to the float model's (mean KL), and each candidate equals that model and rule
+    quantized on its own."""
     import torch
 
     from pipeline.export import executorch as et_driver
+    from pipeline.export.bias_correction import bias_corrected
 
     model, images = hardswish_model()
-    exported = torch.export.export(model, (torch.from_numpy(images[:1]),))
     calibrations, candidates, kls = [], [], []
 
     def recorded(results: list, function: Callable) -> Callable:
@@ -677,11 +678,13 @@ def test_executorch_int8_keeps_the_candidate_closer_to_float(monkeypatch: pytest
     monkeypatch.setattr(et_driver, "_calibrated", recorded(calibrations, et_driver._calibrated))
     monkeypatch.setattr(et_driver, "_converted", recorded(candidates, et_driver._converted))
     monkeypatch.setattr(et_driver, "mean_kl", recorded(kls, et_driver.mean_kl))
-    chosen = et_driver._closest_int8(model, exported, images)
-    assert len(calibrations) == 1 and len(candidates) == len(et_driver.RANGE_RULES) == len(kls) == 2
+    chosen = et_driver._closest_int8(model, images)
+    assert len(calibrations) == 2 and len(candidates) == 2 * len(et_driver.RANGE_RULES) == len(kls) == 4
     assert chosen is candidates[int(np.argmin(kls))]
-    assert kls[0] != kls[1]  # the two rules give different ranges here
+    assert len(set(kls)) == 4  # four different quantizations here
     monkeypatch.undo()
-    for rule, candidate in zip(et_driver.RANGE_RULES, candidates, strict=True):
-        alone = et_driver._quantize(exported, images, rule)
+    variants = [model, bias_corrected(model, images)]
+    for index, candidate in enumerate(candidates):
+        variant, rule = variants[index // 2], et_driver.RANGE_RULES[index % 2]
+        alone = et_driver._quantize(torch.export.export(variant, (torch.from_numpy(images[:1]),)), images, rule)
         np.testing.assert_array_equal(et_driver._logits(candidate, images), et_driver._logits(alone, images))

@@ -1,0 +1,82 @@
+"""Bias correction for INT8 weights: undo the mean shift that rounding the weights causes.
+
+Rounding a layer's weights to int8 moves the mean of its outputs: with the rounding error
+``D = W_q - W`` and the layer's per-channel input mean ``E[x]``, output channel ``o`` moves by
+``e_o = sum D[o, i, kh, kw] E[x_i]``. A depthwise conv has nine weights per channel, too few for
+their rounding errors to cancel, so its channels drift, and the drift adds up through the network.
+Subtracting ``e`` from each layer's bias (a new bias where it had none; the batch norm after it is
+folded in by every converter) makes the quantized layer's expected output the float layer's again.
+This is the empirical bias correction of data-free quantization (Nagel et al., 2019), with
+``E[x]`` measured on the calibration photos in the float model.
+
+It is exact only for the weight grid it assumes: per output channel, symmetric, ``max |w| / 127``,
+which is what ExecuTorch's ``XNNPACKQuantizer`` (per-channel symmetric) and ai-edge-quantizer's
+``static_wi8_ai8`` recipe both use; a batch norm folded in scales a channel's weights and its grid
+together, so the rounding is the same. The corrected model is not float-identical (it is the
+float model plus ``-e``): only INT8 drivers use it, and the parity gate compares their artefacts
+with the original model.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WEIGHT_LEVELS = 127  # symmetric int8: [-127, 127]
+BATCH = 32
+
+
+def bias_corrected(model: nn.Module, calibration: np.ndarray) -> nn.Module:
+    """A copy of ``model`` (a contract model: uint8 NHWC in) whose convs' and linears' biases absorb
+    the mean shift of rounding their weights to int8, measured on ``calibration``."""
+    model = copy.deepcopy(model).eval()
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    input_means = _input_means(model, layers, calibration)
+    with torch.no_grad():
+        for layer, mean in zip(layers, input_means, strict=True):
+            shift = _output_shift(layer, rounding_error(layer.weight), mean)
+            if layer.bias is None:
+                layer.bias = nn.Parameter(-shift)
+            else:
+                layer.bias -= shift
+    return model
+
+
+def rounding_error(weight: torch.Tensor) -> torch.Tensor:
+    """``W_q - W`` on the per-output-channel symmetric int8 grid."""
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    scale = (weight.abs().flatten(1).amax(1) / WEIGHT_LEVELS).clamp_min(1e-12).view(shape)
+    return (weight / scale).round().clamp(-WEIGHT_LEVELS, WEIGHT_LEVELS) * scale - weight
+
+
+def _output_shift(layer: nn.Module, error: torch.Tensor, input_mean: torch.Tensor) -> torch.Tensor:
+    """Each output channel's mean shift for an input of per-channel mean ``input_mean`` (a conv:
+    as if the mean filled the whole kernel, i.e. away from the zero-padded border)."""
+    if isinstance(layer, nn.Linear):
+        return error @ input_mean
+    kernel = input_mean.view(1, -1, 1, 1).expand(1, -1, *error.shape[2:]).contiguous()
+    return F.conv2d(kernel, error, groups=layer.groups).view(-1)
+
+
+def _input_means(model: nn.Module, layers: list[nn.Module], calibration: np.ndarray) -> list[torch.Tensor]:
+    """Each layer's per-channel input mean over the calibration photos (and positions)."""
+    sums: dict[int, torch.Tensor] = {}
+
+    def record(layer: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0]
+        total = x.mean((2, 3)).sum(0) if x.dim() == 4 else x.sum(0)
+        sums[id(layer)] = sums.get(id(layer), 0) + total
+
+    hooks = [layer.register_forward_pre_hook(record) for layer in layers]
+    try:
+        with torch.no_grad():
+            for start in range(0, len(calibration), BATCH):
+                model(torch.from_numpy(np.ascontiguousarray(calibration[start:start + BATCH])))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [sums[id(layer)] / len(calibration) for layer in layers]
