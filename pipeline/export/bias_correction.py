@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.export.equalize import run_with_hooks
+
 WEIGHT_LEVELS = 127  # symmetric int8: [-127, 127]
-BATCH = 32
 
 
 def bias_corrected(model: nn.Module, calibration: np.ndarray) -> nn.Module:
@@ -71,12 +72,5 @@ def _input_means(model: nn.Module, layers: list[nn.Module], calibration: np.ndar
         total = x.mean((2, 3)).sum(0) if x.dim() == 4 else x.sum(0)
         sums[id(layer)] = sums.get(id(layer), 0) + total
 
-    hooks = [layer.register_forward_pre_hook(record) for layer in layers]
-    try:
-        with torch.no_grad():
-            for start in range(0, len(calibration), BATCH):
-                model(torch.from_numpy(np.ascontiguousarray(calibration[start:start + BATCH])))
-    finally:
-        for hook in hooks:
-            hook.remove()
+    run_with_hooks(model, calibration, [layer.register_forward_pre_hook(record) for layer in layers])
     return [sums[id(layer)] / len(calibration) for layer in layers]

@@ -27,6 +27,7 @@ import torch
 from timm.layers import BatchNormAct2d
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual, SqueezeExcite
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 MAX_FACTOR = 1e3  # a nearly silent channel is not blown up further than this
 BATCH = 32
@@ -121,12 +122,17 @@ def channel_maxima(model: nn.Module, norms: list[nn.Module], calibration: np.nda
             maxima[index] = batch_max if seen is None else torch.maximum(seen, batch_max)
         return hook
 
-    handles = [norm.register_forward_hook(record(i)) for i, norm in enumerate(norms)]
+    run_with_hooks(model, calibration, [norm.register_forward_hook(record(i)) for i, norm in enumerate(norms)])
+    return [m.clamp(min=0) for m in maxima]
+
+
+def run_with_hooks(model: nn.Module, calibration: np.ndarray, hooks: list[RemovableHandle]) -> None:
+    """Run the calibration photos through ``model`` in batches for what ``hooks`` record, then
+    remove them (also on an error)."""
     try:
         with torch.no_grad():
             for start in range(0, len(calibration), BATCH):
                 model(torch.from_numpy(np.ascontiguousarray(calibration[start:start + BATCH])))
     finally:
-        for handle in handles:
-            handle.remove()
-    return [m.clamp(min=0) for m in maxima]
+        for hook in hooks:
+            hook.remove()
