@@ -215,6 +215,28 @@ def test_int8_keeps_the_bias_of_a_channel_with_all_zero_weights(fmt: str, tmp_pa
         assert int8_error() > 1.0
 
 
+@pytest.mark.parametrize(("fmt", "grids"), [("executorch", [127]), ("tflite", [127]), ("onnx", [127, 64])])
+def test_int8_drivers_quantize_the_bias_corrected_model(fmt: str, grids: list[int],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """INT8 quantizes the model bias-corrected for the driver's weight grid (ExecuTorch: as one of
+    its candidates; onnxruntime: each weight-bit candidate for its own grid); fp32 never."""
+    from pipeline.export.bias_correction import bias_corrected
+
+    model, images, _ = dead_channel_model()
+    fmt_driver = driver(fmt)
+    calls: list[int] = []
+
+    def recorded(model, calibration, levels=127):
+        calls.append(levels)
+        return bias_corrected(model, calibration, levels)
+
+    monkeypatch.setattr(fmt_driver, "bias_corrected", recorded)
+    fmt_driver.export(model, "fp32", images)
+    assert calls == []
+    fmt_driver.export(model, "int8", images)
+    assert calls == grids
+
+
 def test_new_head_written_into_the_fp32_tflite_equals_a_conversion(exported, run_cache, tmp_path: Path) -> None:
     """A head change reuses the converted graph: the classifier's weights (any class count) are
     written into it, and it computes what PyTorch computes with that head, also when written again."""

@@ -11,7 +11,8 @@ This is the empirical bias correction of data-free quantization (Nagel et al., 2
 
 It is exact only for the weight grid it assumes: per output channel, symmetric, ``max |w| / 127``,
 which is what ExecuTorch's ``XNNPACKQuantizer`` (per-channel symmetric) and ai-edge-quantizer's
-``static_wi8_ai8`` recipe both use; a batch norm folded in scales a channel's weights and its grid
+``static_wi8_ai8`` recipe both use, and onnxruntime's 8-bit weights (its 7-bit ones: ``levels``
+64); a batch norm folded in scales a channel's weights and its grid
 together, so the rounding is the same. The corrected model is not float-identical (it is the
 float model plus ``-e``): only INT8 drivers use it, and the parity gate compares their artefacts
 with the original model.
@@ -31,15 +32,16 @@ from pipeline.export.equalize import run_with_hooks
 WEIGHT_LEVELS = 127  # symmetric int8: [-127, 127]
 
 
-def bias_corrected(model: nn.Module, calibration: np.ndarray) -> nn.Module:
+def bias_corrected(model: nn.Module, calibration: np.ndarray, levels: int = WEIGHT_LEVELS) -> nn.Module:
     """A copy of ``model`` (a contract model: uint8 NHWC in) whose convs' and linears' biases absorb
-    the mean shift of rounding their weights to int8, measured on ``calibration``."""
+    the mean shift of rounding their weights to int8 (grid ``max |w| / levels``), measured on
+    ``calibration``."""
     model = copy.deepcopy(model).eval()
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     input_means = _input_means(model, layers, calibration)
     with torch.no_grad():
         for layer, mean in zip(layers, input_means, strict=True):
-            shift = _output_shift(layer, rounding_error(layer.weight), mean)
+            shift = _output_shift(layer, rounding_error(layer.weight, levels), mean)
             if layer.bias is None:
                 layer.bias = nn.Parameter(-shift)
             else:
@@ -47,11 +49,11 @@ def bias_corrected(model: nn.Module, calibration: np.ndarray) -> nn.Module:
     return model
 
 
-def rounding_error(weight: torch.Tensor) -> torch.Tensor:
-    """``W_q - W`` on the per-output-channel symmetric int8 grid."""
+def rounding_error(weight: torch.Tensor, levels: int = WEIGHT_LEVELS) -> torch.Tensor:
+    """``W_q - W`` on the per-output-channel symmetric grid ``max |w| / levels``."""
     shape = (-1,) + (1,) * (weight.dim() - 1)
-    scale = (weight.abs().flatten(1).amax(1) / WEIGHT_LEVELS).clamp_min(1e-12).view(shape)
-    return (weight / scale).round().clamp(-WEIGHT_LEVELS, WEIGHT_LEVELS) * scale - weight
+    scale = (weight.abs().flatten(1).amax(1) / levels).clamp_min(1e-12).view(shape)
+    return (weight / scale).round().clamp(-levels, levels) * scale - weight
 
 
 def _output_shift(layer: nn.Module, error: torch.Tensor, input_mean: torch.Tensor) -> torch.Tensor:
