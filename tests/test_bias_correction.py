@@ -74,3 +74,27 @@ def test_bias_correction_restores_the_mean_output_under_rounded_weights() -> Non
     corrected_shift = np.abs(mean_output(with_rounded_weights(corrected), images) - float_mean).max()
     assert plain_shift > 1e-3
     assert corrected_shift < plain_shift / 50
+
+
+class TokensAndSpare(nn.Module):
+    """A linear over tokens (as a vision transformer's) and a conv that the forward never runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = nn.Linear(3, 5)
+        self.spare = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tokens(x.float().flatten(1, 2) / 255).mean(1)
+
+
+def test_bias_correction_takes_token_inputs_and_skips_unused_layers() -> None:
+    torch.manual_seed(0)
+    model = TokensAndSpare().eval()
+    images = flat_photos()
+    corrected = bias_corrected(model, images)
+    assert torch.equal(corrected.spare.bias, model.spare.bias)  # never run: left as it is
+    float_mean = mean_output(model, images)
+    plain_shift = np.abs(mean_output(with_rounded_weights(copy.deepcopy(model)), images) - float_mean).max()
+    corrected_shift = np.abs(mean_output(with_rounded_weights(corrected), images) - float_mean).max()
+    assert corrected_shift < plain_shift / 50

@@ -10,12 +10,11 @@ This is the empirical bias correction of data-free quantization (Nagel et al., 2
 ``E[x]`` measured on the calibration photos in the float model.
 
 It is exact only for the weight grid it assumes: per output channel, symmetric, ``max |w| / 127``,
-which is what ExecuTorch's ``XNNPACKQuantizer`` (per-channel symmetric) and ai-edge-quantizer's
-``static_wi8_ai8`` recipe both use, and onnxruntime's 8-bit weights (its 7-bit ones: ``levels``
-64); a batch norm folded in scales a channel's weights and its grid
-together, so the rounding is the same. The corrected model is not float-identical (it is the
-float model plus ``-e``): only INT8 drivers use it, and the parity gate compares their artefacts
-with the original model.
+which is what ExecuTorch's ``XNNPACKQuantizer`` (per-channel symmetric), ai-edge-quantizer's
+``static_wi8_ai8`` recipe and onnxruntime's 8-bit weights use (its 7-bit ones: ``levels=64``). A
+batch norm folded in scales a channel's weights and its grid together: the rounding is the same.
+The corrected model is not float-identical (it is the float model plus ``-e``): only INT8 drivers
+use it, and the parity gate compares their artefacts with the original model.
 """
 
 from __future__ import annotations
@@ -40,8 +39,10 @@ def bias_corrected(model: nn.Module, calibration: np.ndarray, levels: int = WEIG
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     input_means = _input_means(model, layers, calibration)
     with torch.no_grad():
-        for layer, mean in zip(layers, input_means, strict=True):
-            shift = _output_shift(layer, rounding_error(layer.weight, levels), mean)
+        for layer in layers:
+            if id(layer) not in input_means:  # not on the forward path
+                continue
+            shift = _output_shift(layer, rounding_error(layer.weight, levels), input_means[id(layer)])
             if layer.bias is None:
                 layer.bias = nn.Parameter(-shift)
             else:
@@ -65,14 +66,17 @@ def _output_shift(layer: nn.Module, error: torch.Tensor, input_mean: torch.Tenso
     return F.conv2d(kernel, error, groups=layer.groups).view(-1)
 
 
-def _input_means(model: nn.Module, layers: list[nn.Module], calibration: np.ndarray) -> list[torch.Tensor]:
-    """Each layer's per-channel input mean over the calibration photos (and positions)."""
+def _input_means(model: nn.Module, layers: list[nn.Module], calibration: np.ndarray) -> dict[int, torch.Tensor]:
+    """Each layer's per-channel input mean over the calibration photos (and positions, or tokens),
+    by ``id``; a layer run twice per photo counts both inputs."""
     sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
 
     def record(layer: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         x = inputs[0]
-        total = x.mean((2, 3)).sum(0) if x.dim() == 4 else x.sum(0)
-        sums[id(layer)] = sums.get(id(layer), 0) + total
+        per_sample = x.mean((2, 3)) if isinstance(layer, nn.Conv2d) else x.reshape(len(x), -1, x.shape[-1]).mean(1)
+        sums[id(layer)] = sums.get(id(layer), 0) + per_sample.sum(0)
+        counts[id(layer)] = counts.get(id(layer), 0) + len(x)
 
     run_with_hooks(model, calibration, [layer.register_forward_pre_hook(record) for layer in layers])
-    return [sums[id(layer)] / len(calibration) for layer in layers]
+    return {key: total / counts[key] for key, total in sums.items()}
