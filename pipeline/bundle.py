@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,9 @@ class ExportData:
     golden_squares: np.ndarray  # uint8 (G, S, S, 3): shorter side already resized, before the crop
     golden_labels: np.ndarray
     decoded: dict[str, data_mod.DecodedSplit]  # train and val as decoded (for the embedding cache)
+
+
+Reusable = dict[str, tuple[Path, dict[str, Any]]]  # a head change's source artefacts: file -> (path, entry)
 
 
 @dataclass
@@ -117,9 +121,10 @@ def build_bundle(
 ) -> BundleResult:
     """Export, gate and bundle. Artefacts that fail the gate are left out and listed in the result.
 
-    ``head_source``: the bundle a head change started from. Its fp32 artefacts, if their driver can
-    write a new classifier into them and the backbone and preprocessing are this model's, are reused
-    with the new head instead of being converted again; they are gated like any export."""
+    ``head_source``: the bundle a head change started from. Its artefacts, if their driver can write
+    a new classifier into them (the ``.tflite`` ones) and the backbone and preprocessing are this
+    model's, are reused with the new head instead of being converted again; they are gated like any
+    export."""
     thresholds = thresholds or Thresholds()
     final = Path(out_dir) / f"{manifest.name}-v{manifest.version}"
     if final.exists() and not force:
@@ -143,16 +148,15 @@ def build_bundle(
         raise
 
 
-def _reusable_artefacts(bundle: str | Path, manifest: Manifest) -> dict[str, tuple[Path, str]]:
-    """fp32 artefacts of ``bundle`` (verified: path and sha256) that only differ from this model's by
-    the head."""
+def _reusable_artefacts(bundle: str | Path, manifest: Manifest) -> Reusable:
+    """Artefacts of ``bundle`` (verified: path and manifest entry) that only differ from this
+    model's by the head."""
     source = Manifest.from_dict(verify(bundle), f"{bundle}/manifest.json")
     if (source.model.backbone_sha256 != manifest.model.backbone_sha256 or source.model.backbone_sha256 is None
             or source.preprocess != manifest.preprocess):
         log.info("%s: another backbone or preprocessing; every artefact is converted anew", bundle)
         return {}
-    return {a["file"]: (Path(bundle) / a["file"], a["sha256"])
-            for a in source.artefacts if a["precision"] == "fp32"}
+    return {a["file"]: (Path(bundle) / a["file"], a) for a in source.artefacts}
 
 
 def _classifier(model: Any) -> tuple[np.ndarray, np.ndarray] | None:
@@ -163,13 +167,16 @@ def _classifier(model: Any) -> tuple[np.ndarray, np.ndarray] | None:
     return head.weight.detach().numpy(), head.bias.detach().numpy()
 
 
-def _with_new_head(model: Any, spec: ArtefactSpec, reusable: dict[str, tuple[Path, str]]) -> bytes | None:
-    """The reusable artefact for ``spec`` with ``model``'s classifier written in, if its driver can."""
+def _with_new_head(model: Any, spec: ArtefactSpec, reusable: Reusable,
+                   calibration_features: Callable[[], np.ndarray]) -> bytes | None:
+    """The reusable artefact for ``spec`` with ``model``'s classifier written in, if its driver can
+    (INT8: given the calibration photos' embeddings, ``calibration_features()``)."""
     write_head = getattr(driver(spec.format), "with_new_head", None)
     classifier = _classifier(model)
     if spec.file not in reusable or write_head is None or classifier is None:
         return None
-    return write_head(reusable[spec.file][0].read_bytes(), *classifier)
+    features = calibration_features() if spec.precision == "int8" else None
+    return write_head(reusable[spec.file][0].read_bytes(), *classifier, features)
 
 
 def _write_head_update(staging: Path, model: Any, from_sha256: str) -> dict[str, Any]:
@@ -183,16 +190,27 @@ def _write_head_update(staging: Path, model: Any, from_sha256: str) -> dict[str,
 
 
 def _build(model: Any, manifest: Manifest, data: ExportData, staging: Path, artefacts: tuple[ArtefactSpec, ...],
-           thresholds: Thresholds, progress: bool, reusable: dict[str, tuple[Path, str]]) -> BundleResult:
+           thresholds: Thresholds, progress: bool, reusable: Reusable) -> BundleResult:
     classes = manifest.class_names
     reference = predict_probs(model, data.val_images)
     reference_top1 = float((reference.argmax(1) == data.val_labels).mean())
     golden_inputs = data_mod.center_crops(data.golden_squares, manifest.preprocess.size[0])
     golden_reference = predict_probs(model, golden_inputs)
+    # computed once, when first needed: INT8 drivers quantize a float-identical copy with equalized
+    # activation ranges (see equalize.py); a head written into an INT8 artefact needs the embeddings
+    once: dict[str, Any] = {}
 
-    # INT8 drivers quantize a float-identical copy with equalized activation ranges (see equalize.py)
-    int8_model, equalized = (equalize_activations(model, data.calibration)
-                             if any(a.precision == "int8" for a in artefacts) else (None, 0))
+    def int8_model() -> tuple[Any, int]:
+        if "int8" not in once:
+            once["int8"] = equalize_activations(model, data.calibration)
+        return once["int8"]
+
+    def calibration_features() -> np.ndarray:
+        if "features" not in once:
+            from pipeline.head import embed
+
+            once["features"] = embed(model, data.calibration)
+        return once["features"]
 
     entries, golden_probs, failures = [], {}, {}
     bar = tqdm(artefacts, desc="export", unit="artefact", disable=not progress)
@@ -200,11 +218,13 @@ def _build(model: Any, manifest: Manifest, data: ExportData, staging: Path, arte
         bar.set_postfix_str(spec.file)
         path = staging / spec.file
         fmt_driver = driver(spec.format)
-        to_export = int8_model if spec.precision == "int8" else model
         t0 = time.perf_counter()
-        payload = _with_new_head(model, spec, reusable)
+        payload = _with_new_head(model, spec, reusable, calibration_features)
         head_written = payload is not None
-        if payload is None:
+        if head_written:  # the source's equalization is what the INT8 file still holds
+            equalized = reusable[spec.file][1].get("equalized_relu_boundaries", 0)
+        else:
+            to_export, equalized = int8_model() if spec.precision == "int8" else (model, 0)
             with captured_output():  # the converters' own logs; shown only if the export fails
                 payload = fmt_driver.export(to_export, spec.precision, data.calibration)
         write_bytes_atomic(path, payload)
@@ -233,7 +253,11 @@ def _build(model: Any, manifest: Manifest, data: ExportData, staging: Path, arte
             **({"equalized_relu_boundaries": equalized} if spec.precision == "int8" else {}),
         })
         if head_written:
-            entries[-1]["head_update"] = _write_head_update(staging, model, reusable[spec.file][1])
+            from_sha256 = reusable[spec.file][1]["sha256"]
+            if spec.precision == "fp32":  # a device can rebuild it from the previous file (edge/head.py)
+                entries[-1]["head_update"] = _write_head_update(staging, model, from_sha256)
+            else:  # INT8: quantized here from the calibration photos; a device takes the whole file
+                entries[-1]["head_written_into"] = from_sha256
         tqdm.write(f"  ok   {spec.file}: {path.stat().st_size / 1e6:.2f} MB, val top-1 {result['top1']:.4f}, "
                    f"agreement {result['agreement']:.4f}, {latency['median_ms']:.2f} ms")
     bar.close()

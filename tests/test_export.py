@@ -278,6 +278,62 @@ def test_new_head_written_into_the_fp32_tflite_equals_a_conversion(exported, run
     assert tflite_driver.with_new_head(without_bias, weight.numpy(), bias.numpy()) is None
 
 
+def test_new_head_written_into_the_int8_tflite_is_quantized_as_the_export_quantizes(exported, run_cache) -> None:
+    """A head change writes its classifier into the INT8 .tflite too: the export's own head, with the
+    export's calibration photos, comes back as the conversion wrote it (bias correction, weight grid
+    and bias scale the same; the logits' range from the embeddings instead of the converted graph);
+    a head with another class count runs in LiteRT like PyTorch's within INT8 error."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    from pipeline.head import embed, install_head
+
+    result = exported["result"]
+    model, manifest = train_mod.load_checkpoint(exported["run"].run_dir)
+    _, cfg = train_mod.load_run_config(exported["run"].run_dir)
+    folder = data_mod.scan_folder(exported["root"] / "data")
+    data = bundle_mod.load_export_data(folder, manifest.preprocess, 24, 6, cfg.seed)  # the fixture's export
+    features = embed(model, data.calibration)
+    converted = (result.path / "model_int8.tflite").read_bytes()
+    head = model.model.get_classifier()
+    weight, bias = head.weight.detach().numpy(), head.bias.detach().numpy()
+
+    def classifier(payload: bytes) -> list:
+        tflite = flatbuffer_utils.read_model_from_bytearray(bytearray(payload))
+        graph = tflite.subgraphs[0]
+        tensors = [graph.tensors[i] for i in (*graph.operators[-1].inputs[1:], graph.outputs[0])]
+        return [(t.buffer and tflite.buffers[t.buffer].data, t.quantization.scale, t.quantization.zeroPoint)
+                for t in tensors]
+
+    (w_data, w_scale, _), (b_data, b_scale, _), (_, y_scale, _) = classifier(converted)
+    (w_again, w_scale_again, _), (b_again, b_scale_again, _), (_, y_scale_again, _) = classifier(
+        tflite_driver.with_new_head(converted, weight, bias, features))
+    np.testing.assert_array_equal(w_again, w_data)
+    np.testing.assert_allclose(w_scale_again, w_scale, rtol=1e-6)
+    np.testing.assert_allclose(b_scale_again, b_scale, rtol=1e-6)
+    np.testing.assert_allclose(b_again.view(np.int32), b_data.view(np.int32), atol=1)
+    np.testing.assert_allclose(y_scale_again, y_scale, rtol=0.2)
+
+    # a new class: a row between two known ones
+    import torch
+
+    new_weight = np.concatenate([weight, (weight[:1] + weight[1:2]) / 2])
+    new_bias = np.concatenate([bias, bias[:1]])
+    install_head(model, torch.from_numpy(new_weight), torch.from_numpy(new_bias))
+    with torch.no_grad():
+        reference = model(torch.from_numpy(data.val_images)).numpy()
+    with TemporaryDirectory() as tmp:
+        path = Path(tmp) / "head.tflite"
+        path.write_bytes(tflite_driver.with_new_head(converted, new_weight, new_bias, features))
+        runner = tflite_driver.Runner(path)
+        assert runner.io["outputs"][0]["shape"] == [1, len(new_bias)]
+        logits = runner(data.val_images)
+    assert np.mean(logits.argmax(1) == reference.argmax(1)) >= 0.75
+    assert np.abs(logits - reference).max() < 0.25 * np.ptp(reference)
+    assert tflite_driver.with_new_head(converted, new_weight[:, 1:], new_bias, features[:, 1:]) is None  # no fit
+    new_weight[-1] = 0  # an all-zero row has no int8 weight scale: converted instead
+    assert tflite_driver.with_new_head(converted, new_weight, new_bias, features) is None
+
+
 def test_gate_rules() -> None:
     t = Thresholds(fp32_min_agreement=0.995, int8_max_top1_drop=0.015)
     assert gate({"agreement": 1.0, "top1": 0.9}, 0.9, "fp32", t) is None

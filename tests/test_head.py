@@ -72,11 +72,14 @@ def test_add_class_end_to_end(exported, tmp_path: Path) -> None:
         "added battery (head only)", "exported model_fp32.tflite, model_int8.tflite, model_fp32.onnx"]
     entries = {a["file"]: a for a in manifest["artefacts"]}
     assert sorted(entries) == ["model_fp32.onnx", "model_fp32.tflite", "model_int8.tflite"]
-    # the fp32 .tflite is the source bundle's with the new head written in (not converted again)
+    # the .tflite files are the source bundle's with the new head written in (not converted again)
     assert entries["model_fp32.tflite"]["head_update"]["from_sha256"] == sha256_file(bundle / "model_fp32.tflite")
     assert entries["model_fp32.tflite"]["outputs"][0]["shape"] == [1, 4]
     assert entries["model_fp32.tflite"]["val"]["agreement"] == 1.0
+    # so is the INT8 one, its new head quantized here; a device takes that file whole
     assert "head_update" not in entries["model_int8.tflite"]
+    assert entries["model_int8.tflite"]["head_written_into"] == sha256_file(bundle / "model_int8.tflite")
+    assert entries["model_int8.tflite"]["outputs"][0]["shape"] == [1, 4]
     assert (new_bundle / "labels.txt").read_text().split() == ["cardboard", "glass", "metal", "battery"]
     for artefact in entries:  # the edge runner, unchanged
         assert classify.main(["--bundle", str(new_bundle), "--validate", "--model", artefact]) == 0

@@ -11,6 +11,13 @@
   contract's [0, 255], so the input is int8 with scale 1 and zero point -128: a device feeds
   ``pixel - 128`` and no float op is left in the graph.
 
+A head change (``trashsort add-class`` and friends) leaves every op but the last as it was, so
+``with_new_head`` writes the new classifier into the source bundle's ``.tflite`` instead of
+converting again: into the fp32 file as it is (``edge/head.py``, which a device repeats), into the
+INT8 one quantized as this driver quantizes it (the same bias correction, weight grid and output
+range rule, over the calibration photos' embeddings). Converting and calibrating the INT8 file
+again was most of a head change's time.
+
 Tensor names are cut to their last path component (plus the tensor index, to stay unique):
 litert-torch writes each tensor's full module path (about 90 KB of strings in MobileNetV3-Small),
 which is debug text, not model.
@@ -24,10 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge.head import with_new_head  # noqa: F401  (a head change's fp32 artefact: see bundle.py)
+from edge import head as edge_head
 from edge.runtimes import TFLiteRunner as Runner  # noqa: F401  (the driver interface)
 from pipeline.export import check_precision
-from pipeline.export.bias_correction import bias_corrected
+from pipeline.export.bias_correction import bias_corrected, rounding_error
 from pipeline.export.ranges import HARDSWISH_INPUT, INPUT_RANGE, clip_to, percentile_range
 
 
@@ -40,6 +47,80 @@ def export(model: nn.Module, precision: str, calibration: np.ndarray) -> bytes:
         float_model = _convert(corrected, torch.from_numpy(calibration[:1].astype(np.float32)))
         flatbuffer = _requantize_dead_channels(float_model, _quantize_int8(float_model, calibration))
     return _short_tensor_names(flatbuffer)
+
+
+def with_new_head(payload: bytes, weight: np.ndarray, bias: np.ndarray,
+                  calibration_features: np.ndarray | None = None) -> bytes | None:
+    """A head change's artefact: ``payload`` (a ``.tflite`` this driver wrote) with the classifier
+    ``weight`` [classes, features] and ``bias`` written into its last op, for any class count; None
+    if the graph does not end in a fully-connected classifier that fits (the export converts then).
+
+    fp32 without ``calibration_features``; INT8 with them (the calibration photos' embeddings, the
+    classifier's input: its bias correction and output range are measured on them)."""
+    if calibration_features is None:
+        return edge_head.with_new_head(payload, weight, bias)
+    return _with_new_int8_head(payload, weight, bias, calibration_features)
+
+
+def _with_new_int8_head(payload: bytes, weight: np.ndarray, bias: np.ndarray,
+                        features: np.ndarray) -> bytes | None:
+    """The INT8 file's classifier replaced as ``export`` would quantize it: bias corrected for the
+    weights' rounding (``bias_correction.py``), weights per-channel symmetric int8, bias int32 at input
+    scale x weight scale, the logits' range by ``ranges.py``'s rule over the calibration photos. The
+    classifier's input (the backbone's output) keeps its quantization: the backbone is unchanged."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+    from ai_edge_quantizer import qtyping
+    from ai_edge_quantizer.algorithms.uniform_quantize import uniform_quantize_tensor as uq
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(payload))
+    if len(model.subgraphs) != 1 or len(model.subgraphs[0].outputs) != 1:
+        return None
+    graph = model.subgraphs[0]
+    output = int(graph.outputs[0])
+    producers = [op for op in graph.operators if output in op.outputs]
+    if len(producers) != 1 or len(producers[0].inputs) != 3 or producers[0].inputs[2] < 0:
+        return None
+    op = producers[0]
+    code = model.operatorCodes[op.opcodeIndex]
+    x, w, b, y = (graph.tensors[i] for i in (*op.inputs, output))
+    int8, int32 = schema.TensorType.INT8, schema.TensorType.INT32
+    readers = [i for other in graph.operators for i in other.inputs if i in op.inputs[1:]]
+    fits = (schema.BuiltinOperator.FULLY_CONNECTED in (code.builtinCode, code.deprecatedBuiltinCode)
+            and (w.type, b.type, y.type) == (int8, int32, int8)
+            and len(w.shape) == 2 and w.shape[1] == weight.shape[1] == features.shape[1]
+            and weight.shape[0] == len(bias) and len(readers) == 2  # weight and bias read by this op only
+            and w.buffer != b.buffer and weight.any(axis=1).all())  # an all-zero row has no weight scale
+    if not fits:
+        return None
+
+    shift = rounding_error(torch.from_numpy(weight).double()) @ torch.from_numpy(features).double().mean(0)
+    corrected = (bias - shift.numpy()).astype(np.float32)
+    zero_point, scale = uq.tensor_zp_scale_from_min_max(
+        weight.min(1, keepdims=True), weight.max(1, keepdims=True), 8, True, qtyping.QuantGranularity.CHANNELWISE)
+    weight_params = qtyping.UniformQuantParams(8, 0, scale, zero_point, symmetric=True)
+    input_params = qtyping.UniformQuantParams(8, None, np.asarray(x.quantization.scale, np.float32),
+                                              np.asarray(x.quantization.zeroPoint), symmetric=False)
+    bias_params = uq.symmetric_quantize_bias_tensor(corrected, input_params, weight_params)
+    logits = features @ weight.T + corrected
+    low, high = percentile_range(list(logits.min(1)), list(logits.max(1)))
+    out_zero_point, out_scale = uq.tensor_zp_scale_from_min_max(
+        low, high, 8, False, qtyping.QuantGranularity.TENSORWISE)
+
+    classes = len(bias)
+    quantized = {w: (uq.uniform_quantize(weight, weight_params).astype(np.int8), scale.ravel()),
+                 b: (bias_params.quantized_data.astype("<i4"), bias_params.scale)}
+    for tensor, (values, tensor_scale) in quantized.items():
+        model.buffers[tensor.buffer].data = np.frombuffer(values.tobytes(), np.uint8)
+        tensor.quantization.scale = np.asarray(tensor_scale, np.float32)
+        tensor.quantization.zeroPoint = np.zeros(classes, np.int64)
+    y.quantization.scale = np.asarray(out_scale, np.float32).reshape(1)
+    y.quantization.zeroPoint = np.asarray(out_zero_point, np.int64).reshape(1)
+    for tensor, shape in ((w, weight.shape), (b, (classes,)), (y, (1, classes))):
+        tensor.shape = np.array(shape, np.int32)
+        if tensor.shapeSignature is not None:
+            tensor.shapeSignature = np.array(shape, np.int32)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
 def _convert(model: nn.Module, example: torch.Tensor) -> bytes:
