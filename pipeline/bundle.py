@@ -122,7 +122,7 @@ def build_bundle(
     """Export, gate and bundle. Artefacts that fail the gate are left out and listed in the result.
 
     ``head_source``: the bundle a head change started from. Its artefacts, if their driver can write
-    a new classifier into them (the ``.tflite`` ones) and the backbone and preprocessing are this
+    a new classifier into them (``.tflite``, INT8 ``.onnx``) and the backbone and preprocessing are this
     model's, are reused with the new head instead of being converted again; they are gated like any
     export."""
     thresholds = thresholds or Thresholds()
@@ -179,6 +179,17 @@ def _with_new_head(model: Any, spec: ArtefactSpec, reusable: Reusable,
     return write_head(reusable[spec.file][0].read_bytes(), *classifier, features)
 
 
+def _export(fmt_driver: Any, model: Any, spec: ArtefactSpec, calibration: np.ndarray,
+            reusable: Reusable) -> tuple[bytes, dict[str, Any]]:
+    """The driver's export, with what it chose where it chooses (``export_chosen``); a head change
+    hands it the source artefact's entry, whose choice was made for the same backbone."""
+    export_chosen = getattr(fmt_driver, "export_chosen", None)
+    if export_chosen is None:
+        return fmt_driver.export(model, spec.precision, calibration), {}
+    source_entry = reusable[spec.file][1] if spec.file in reusable else {}
+    return export_chosen(model, spec.precision, calibration, source_entry.get("int8_candidate"))
+
+
 def _write_head_update(staging: Path, model: Any, from_sha256: str) -> dict[str, Any]:
     """Write the head file (once per bundle) and describe how a device rebuilds the artefact from
     the previous one (edge/head.py)."""
@@ -220,13 +231,13 @@ def _build(model: Any, manifest: Manifest, data: ExportData, staging: Path, arte
         fmt_driver = driver(spec.format)
         t0 = time.perf_counter()
         payload = _with_new_head(model, spec, reusable, calibration_features)
-        head_written = payload is not None
+        head_written, facts = payload is not None, {}
         if head_written:  # the source's equalization is what the INT8 file still holds
             equalized = reusable[spec.file][1].get("equalized_relu_boundaries", 0)
         else:
             to_export, equalized = int8_model() if spec.precision == "int8" else (model, 0)
             with captured_output():  # the converters' own logs; shown only if the export fails
-                payload = fmt_driver.export(to_export, spec.precision, data.calibration)
+                payload, facts = _export(fmt_driver, to_export, spec, data.calibration, reusable)
         write_bytes_atomic(path, payload)
         export_s = time.perf_counter() - t0
         with captured_output():  # runtimes log their CPU probing
@@ -247,7 +258,7 @@ def _build(model: Any, manifest: Manifest, data: ExportData, staging: Path, arte
         entries.append({
             "file": spec.file, "format": spec.format, "precision": spec.precision,
             "bytes": path.stat().st_size, "sha256": sha256_file(path), **io,
-            **(describe(payload) if describe else {}),
+            **(describe(payload) if describe else {}), **facts,
             "val": result, "latency_1thread": latency, "export_seconds": round(export_s, 1),
             "golden_tolerance": GOLDEN_TOLERANCE[spec.precision],
             **({"equalized_relu_boundaries": equalized} if spec.precision == "int8" else {}),

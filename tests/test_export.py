@@ -57,6 +57,8 @@ def test_bundle_holds_every_artefact_and_matches_its_manifest(exported) -> None:
     assert all((bundle / "golden" / g["file"]).is_file() for g in golden["images"])
     report = (bundle / "report.md").read_text()
     assert all(a.file in report for a in ARTEFACTS)
+    entries = {a["file"]: a for a in manifest["artefacts"]}
+    assert set(entries["model_int8.pte"]["int8_candidate"]) == {"bias_corrected", "range_rule"}  # the one kept
     assert not list(bundle.parent.glob(".*")), "no staging folder left behind"
 
 
@@ -278,60 +280,98 @@ def test_new_head_written_into_the_fp32_tflite_equals_a_conversion(exported, run
     assert tflite_driver.with_new_head(without_bias, weight.numpy(), bias.numpy()) is None
 
 
-def test_new_head_written_into_the_int8_tflite_is_quantized_as_the_export_quantizes(exported, run_cache) -> None:
-    """A head change writes its classifier into the INT8 .tflite too: the export's own head, with the
-    export's calibration photos, comes back as the conversion wrote it (bias correction, weight grid
-    and bias scale the same; the logits' range from the embeddings instead of the converted graph);
-    a head with another class count runs in LiteRT like PyTorch's within INT8 error."""
-    from ai_edge_litert.tools import flatbuffer_utils
+def int8_classifier(fmt: str, payload: bytes) -> tuple[np.ndarray, ...]:
+    """The last layer of an INT8 artefact: int8 weight, its scales, int32 bias, its scales, the
+    logits' scale."""
+    if fmt == "tflite":
+        from ai_edge_litert.tools import flatbuffer_utils
+
+        tflite = flatbuffer_utils.read_model_from_bytearray(bytearray(payload))
+        graph = tflite.subgraphs[0]
+        w, b, y = (graph.tensors[i] for i in (*graph.operators[-1].inputs[1:], graph.outputs[0]))
+        return (tflite.buffers[w.buffer].data.view(np.int8), w.quantization.scale,
+                tflite.buffers[b.buffer].data.view(np.int32), b.quantization.scale, y.quantization.scale)
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load_from_string(payload).graph
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    producer = {name: node for node in graph.node for name in node.output}
+    gemm = next(n for n in graph.node if n.op_type == "Gemm")
+    quantize = next(n for n in graph.node if gemm.output[0] in n.input)
+    w, b = (producer[name].input for name in gemm.input[1:])
+    return values[w[0]], values[w[1]], values[b[0]], values[b[1]], values[quantize.input[1]]
+
+
+@pytest.mark.parametrize("fmt", ["tflite", "onnx"])
+def test_new_head_written_into_an_int8_artefact_is_quantized_as_the_export_quantizes(fmt: str, exported,
+                                                                                        run_cache) -> None:
+    """A head change writes its classifier into the INT8 .tflite and .onnx too: the export's own head,
+    with the export's calibration photos, comes back as the conversion quantized it (bias correction,
+    weight grid and bias scale the same; the logits' range from the embeddings instead of the
+    converted graph); a head with another class count runs in the runtime like PyTorch's."""
+    import torch
 
     from pipeline.head import embed, install_head
 
     result = exported["result"]
+    fmt_driver = driver(fmt)
     model, manifest = train_mod.load_checkpoint(exported["run"].run_dir)
     _, cfg = train_mod.load_run_config(exported["run"].run_dir)
     folder = data_mod.scan_folder(exported["root"] / "data")
     data = bundle_mod.load_export_data(folder, manifest.preprocess, 24, 6, cfg.seed)  # the fixture's export
     features = embed(model, data.calibration)
-    converted = (result.path / "model_int8.tflite").read_bytes()
+    converted = (result.path / f"model_int8.{fmt}").read_bytes()
     head = model.model.get_classifier()
     weight, bias = head.weight.detach().numpy(), head.bias.detach().numpy()
 
-    def classifier(payload: bytes) -> list:
-        tflite = flatbuffer_utils.read_model_from_bytearray(bytearray(payload))
-        graph = tflite.subgraphs[0]
-        tensors = [graph.tensors[i] for i in (*graph.operators[-1].inputs[1:], graph.outputs[0])]
-        return [(t.buffer and tflite.buffers[t.buffer].data, t.quantization.scale, t.quantization.zeroPoint)
-                for t in tensors]
-
-    (w_data, w_scale, _), (b_data, b_scale, _), (_, y_scale, _) = classifier(converted)
-    (w_again, w_scale_again, _), (b_again, b_scale_again, _), (_, y_scale_again, _) = classifier(
-        tflite_driver.with_new_head(converted, weight, bias, features))
-    np.testing.assert_array_equal(w_again, w_data)
+    w_q, w_scale, b_q, b_scale, y_scale = int8_classifier(fmt, converted)
+    w_again, w_scale_again, b_again, b_scale_again, y_scale_again = int8_classifier(
+        fmt, fmt_driver.with_new_head(converted, weight, bias, features))
+    np.testing.assert_array_equal(w_again, w_q)
     np.testing.assert_allclose(w_scale_again, w_scale, rtol=1e-6)
     np.testing.assert_allclose(b_scale_again, b_scale, rtol=1e-6)
-    np.testing.assert_allclose(b_again.view(np.int32), b_data.view(np.int32), atol=1)
+    np.testing.assert_allclose(b_again, b_q, atol=1)
     np.testing.assert_allclose(y_scale_again, y_scale, rtol=0.2)
 
     # a new class: a row between two known ones
-    import torch
-
     new_weight = np.concatenate([weight, (weight[:1] + weight[1:2]) / 2])
     new_bias = np.concatenate([bias, bias[:1]])
     install_head(model, torch.from_numpy(new_weight), torch.from_numpy(new_bias))
     with torch.no_grad():
         reference = model(torch.from_numpy(data.val_images)).numpy()
     with TemporaryDirectory() as tmp:
-        path = Path(tmp) / "head.tflite"
-        path.write_bytes(tflite_driver.with_new_head(converted, new_weight, new_bias, features))
-        runner = tflite_driver.Runner(path)
+        path = Path(tmp) / f"head.{fmt}"
+        path.write_bytes(fmt_driver.with_new_head(converted, new_weight, new_bias, features))
+        runner = fmt_driver.Runner(path)
         assert runner.io["outputs"][0]["shape"] == [1, len(new_bias)]
         logits = runner(data.val_images)
     assert np.mean(logits.argmax(1) == reference.argmax(1)) >= 0.75
     assert np.abs(logits - reference).max() < 0.25 * np.ptp(reference)
-    assert tflite_driver.with_new_head(converted, new_weight[:, 1:], new_bias, features[:, 1:]) is None  # no fit
-    new_weight[-1] = 0  # an all-zero row has no int8 weight scale: converted instead
-    assert tflite_driver.with_new_head(converted, new_weight, new_bias, features) is None
+    assert fmt_driver.with_new_head(converted, new_weight[:, 1:], new_bias, features[:, 1:]) is None  # no fit
+    assert fmt_driver.with_new_head((result.path / f"model_fp32.{fmt}").read_bytes(), new_weight, new_bias,
+                                    features) is None  # an fp32 file with calibration features: not INT8
+    if fmt == "tflite":  # an all-zero row gets no int8 weight scale from ai-edge-quantizer: converted instead
+        new_weight[-1] = 0
+        assert fmt_driver.with_new_head(converted, new_weight, new_bias, features) is None
+
+
+def test_head_change_hands_the_source_int8_choice_to_the_driver() -> None:
+    """The ExecuTorch INT8 candidate chosen for a backbone is passed back when only the head changed
+    (the driver test above shows it then quantizes that candidate alone)."""
+    from types import SimpleNamespace
+
+    from pipeline.export import ArtefactSpec
+
+    choices = []
+    fake_driver = SimpleNamespace(export_chosen=lambda model, precision, calibration, choice:
+                                  choices.append(choice) or (b"pte", {"int8_candidate": choice}))
+    spec = ArtefactSpec("executorch", "int8", "model_int8.pte")
+    kept = {"bias_corrected": True, "range_rule": "percentile"}
+    source = {"model_int8.pte": (Path("source/model_int8.pte"), {"int8_candidate": kept})}
+    assert bundle_mod._export(fake_driver, None, spec, np.zeros(1), source) == (b"pte", {"int8_candidate": kept})
+    assert bundle_mod._export(fake_driver, None, spec, np.zeros(1), {}) == (b"pte", {"int8_candidate": None})
+    assert choices == [kept, None]
 
 
 def test_gate_rules() -> None:
@@ -756,10 +796,19 @@ def test_executorch_int8_keeps_the_candidate_closer_to_float(monkeypatch: pytest
     monkeypatch.setattr(et_driver, "_calibrated", recorded(calibrations, et_driver._calibrated))
     monkeypatch.setattr(et_driver, "_converted", recorded(candidates, et_driver._converted))
     monkeypatch.setattr(et_driver, "mean_kl", recorded(kls, et_driver.mean_kl))
-    chosen = et_driver._closest_int8(model, images)
+    chosen, choice = et_driver._closest_int8(model, images)
     assert len(calibrations) == 2 and len(candidates) == 2 * len(et_driver.RANGE_RULES) == len(kls) == 4
-    assert chosen is candidates[int(np.argmin(kls))]
+    best = int(np.argmin(kls))
+    assert chosen is candidates[best]
+    assert choice == {"bias_corrected": best >= 2, "range_rule": et_driver.RANGE_RULES[best % 2]}  # the manifest's
     assert len(set(kls)) == 4  # four different quantizations here
+    # a head change passes that choice back: one calibration, one conversion, the same model
+    again, same_choice = et_driver._closest_int8(model, images, choice)
+    assert len(calibrations) == 3 and len(candidates) == 5 and len(kls) == 4 and same_choice == choice
+    candidates.pop()
+    np.testing.assert_array_equal(et_driver._logits(again, images), et_driver._logits(chosen, images))
+    with pytest.raises(ValueError, match="int8_candidate"):
+        et_driver._closest_int8(model, images, {"range_rule": "histogram"})
     monkeypatch.undo()
     variants = [model, bias_corrected(model, images)]
     for index, candidate in enumerate(candidates):

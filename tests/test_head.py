@@ -48,7 +48,7 @@ def test_add_class_end_to_end(exported, tmp_path: Path) -> None:
     battery = photos(tmp_path / "battery", 16, (200, 30, 30))
     done = cli("add-class", "--from", str(bundle), "--images", str(battery), "--stream", "hazardous-waste",
                "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "dist"),
-               "--formats", "tflite,onnx-fp32", "--calibration", "24", "--quiet")
+               "--formats", "tflite,onnx", "--calibration", "24", "--quiet")
     assert done.exit_code == 0, done.output
     assert "classes kept: val top-1" in done.output and "unchanged" in done.output
 
@@ -69,17 +69,20 @@ def test_add_class_end_to_end(exported, tmp_path: Path) -> None:
     assert manifest["classes"][3] == {"id": 3, "name": "battery", "stream": "hazardous-waste"}
     assert manifest["model"]["backbone_sha256"] == report["backbone_sha256"]["after"]
     assert [h["change"] for h in manifest["history"]][-2:] == [
-        "added battery (head only)", "exported model_fp32.tflite, model_int8.tflite, model_fp32.onnx"]
+        "added battery (head only)",
+        "exported model_fp32.tflite, model_int8.tflite, model_fp32.onnx, model_int8.onnx"]
     entries = {a["file"]: a for a in manifest["artefacts"]}
-    assert sorted(entries) == ["model_fp32.onnx", "model_fp32.tflite", "model_int8.tflite"]
+    assert sorted(entries) == ["model_fp32.onnx", "model_fp32.tflite", "model_int8.onnx", "model_int8.tflite"]
     # the .tflite files are the source bundle's with the new head written in (not converted again)
     assert entries["model_fp32.tflite"]["head_update"]["from_sha256"] == sha256_file(bundle / "model_fp32.tflite")
     assert entries["model_fp32.tflite"]["outputs"][0]["shape"] == [1, 4]
     assert entries["model_fp32.tflite"]["val"]["agreement"] == 1.0
-    # so is the INT8 one, its new head quantized here; a device takes that file whole
-    assert "head_update" not in entries["model_int8.tflite"]
-    assert entries["model_int8.tflite"]["head_written_into"] == sha256_file(bundle / "model_int8.tflite")
-    assert entries["model_int8.tflite"]["outputs"][0]["shape"] == [1, 4]
+    # so are the INT8 ones, their new head quantized here; a device takes those files whole
+    for int8 in ("model_int8.tflite", "model_int8.onnx"):
+        assert "head_update" not in entries[int8]
+        assert entries[int8]["head_written_into"] == sha256_file(bundle / int8)
+        assert entries[int8]["outputs"][0]["shape"] == [1, 4]
+    assert "head_written_into" not in entries["model_fp32.onnx"]  # converted: under a second
     assert (new_bundle / "labels.txt").read_text().split() == ["cardboard", "glass", "metal", "battery"]
     for artefact in entries:  # the edge runner, unchanged
         assert classify.main(["--bundle", str(new_bundle), "--validate", "--model", artefact]) == 0

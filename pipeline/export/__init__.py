@@ -9,6 +9,13 @@ Every driver module has the same small interface (as timm's model families do):
   (name, shape, dtype, quantization) for the manifest.
 - optionally ``describe(payload) -> dict``: manifest facts only the file knows (the ONNX INT8
   weight bits).
+- optionally ``export_chosen(model, precision, calibration, choice=None) -> (bytes, facts)``: where
+  an export chooses between candidates (the ExecuTorch INT8 ``.pte``), what it chose, for the
+  manifest; a head change passes the source bundle's choice back to skip choosing again.
+- optionally ``with_new_head(payload, weight, bias, calibration_features=None) -> bytes | None``:
+  a head change's artefact written from the source bundle's (the new classifier in its last op;
+  INT8 quantizes it over the calibration photos' embeddings) instead of converted again; None where
+  the file does not allow it.
 """
 
 from __future__ import annotations

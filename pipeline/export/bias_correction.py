@@ -57,6 +57,14 @@ def rounding_error(weight: torch.Tensor, levels: int = WEIGHT_LEVELS) -> torch.T
     return (weight / scale).round().clamp(-levels, levels) * scale - weight
 
 
+def corrected_head_bias(weight: np.ndarray, bias: np.ndarray, features: np.ndarray,
+                        levels: int = WEIGHT_LEVELS) -> np.ndarray:
+    """A classifier's bias corrected as ``bias_corrected`` corrects it, its input mean taken from
+    ``features`` (the calibration photos' embeddings): for a head written into an INT8 artefact."""
+    shift = rounding_error(torch.from_numpy(weight).double(), levels) @ torch.from_numpy(features).double().mean(0)
+    return (bias - shift.numpy()).astype(np.float32)
+
+
 def _output_shift(layer: nn.Module, error: torch.Tensor, input_mean: torch.Tensor) -> torch.Tensor:
     """Each output channel's mean shift for an input of per-channel mean ``input_mean`` (a conv:
     as if the mean filled the whole kernel, i.e. away from the zero-padded border)."""

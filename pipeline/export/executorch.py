@@ -11,7 +11,8 @@ Each model is quantized as it is and with its biases corrected for the int8 roun
 weights (``bias_correction.py``): held-out KL of the kept candidate 0.0056 / 0.0051 / 0.0064 / 0.0011
 -> 0.0052 / 0.0051 / 0.0064 / 0.0007 on three MobileNetV3-Small runs and an EfficientNet-Lite0 one.
 Corrected alone it was worse on one of them (0.0064 -> 0.0093), so the calibration photos decide,
-among four candidates.
+among four candidates. The manifest records the one kept (``int8_candidate``), and a head change
+quantizes only that one (``export_chosen``): the backbone it was chosen for is the same.
 
 ReLU6 (``hardtanh``) after a conv is quantized the way the quantizer quantizes conv -> ReLU: one
 observer on the clamp's output. Out of the box hardtanh shares its input's observer, so every
@@ -37,6 +38,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,10 +67,20 @@ from pipeline.export.ranges import HARDSIGMOID_INPUT, HARDSWISH_INPUT, clip_to, 
 
 def export(model: nn.Module, precision: str, calibration: np.ndarray) -> bytes:
     """A contract model (uint8 NHWC in) as an XNNPACK ``.pte``; batch 1, like every artefact."""
+    return export_chosen(model, precision, calibration)[0]
+
+
+def export_chosen(model: nn.Module, precision: str, calibration: np.ndarray,
+                  choice: dict[str, Any] | None = None) -> tuple[bytes, dict[str, Any]]:
+    """``export``, and what it chose, for the manifest: INT8's candidate (``int8_candidate``: bias
+    corrected or not, range rule). Given a previous export's ``choice`` (a head change: the same
+    backbone), that candidate is quantized alone instead of choosing among four again."""
     check_precision(precision)
     model = model.eval()
-    quantized = _closest_int8(model, calibration) if precision == "int8" else model
-    return lower(_exported(quantized, calibration)).to_executorch().buffer
+    facts: dict[str, Any] = {}
+    if precision == "int8":
+        model, facts["int8_candidate"] = _closest_int8(model, calibration, choice)
+    return lower(_exported(model, calibration)).to_executorch().buffer, facts
 
 
 def _exported(model: nn.Module, calibration: np.ndarray) -> torch.export.ExportedProgram:
@@ -210,17 +222,24 @@ PARTITIONER_CONFIGS = [{ConstantPadConfig: Int8ConstantPadConfig, HardswishConfi
                        for c in ALL_PARTITIONER_CONFIGS]
 
 
-def _closest_int8(model: nn.Module, calibration: np.ndarray) -> nn.Module:
+def _closest_int8(model: nn.Module, calibration: np.ndarray,
+                  choice: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Quantized four ways: the model as it is and bias-corrected (``bias_correction.py``), each with
     both activation range rules (one calibration pass per model). Kept: the one whose logits on the
     calibration photos are closer to the float model's (mean KL), as the ONNX driver picks its
-    weight bits."""
+    weight bits; returned with its description. Given ``choice`` (such a description), only that one."""
+    if choice is not None:
+        if set(choice) != {"bias_corrected", "range_rule"}:
+            raise ValueError(f"int8_candidate {choice!r}: expected bias_corrected and range_rule")
+        variant = bias_corrected(model, calibration) if choice["bias_corrected"] else model
+        return _quantize(_exported(variant, calibration), calibration, choice["range_rule"]), dict(choice)
     reference = softmax(_logits(model, calibration))
     candidates = []
-    for variant in (model, bias_corrected(model, calibration)):
+    for corrected, variant in ((False, model), (True, bias_corrected(model, calibration))):
         calibrated = _calibrated(_exported(variant, calibration), calibration)
-        candidates += [_converted(calibrated, rule) for rule in RANGE_RULES]
-    return min(candidates, key=lambda candidate: mean_kl(reference, softmax(_logits(candidate, calibration))))
+        candidates += [(_converted(calibrated, rule), {"bias_corrected": corrected, "range_rule": rule})
+                       for rule in RANGE_RULES]
+    return min(candidates, key=lambda candidate: mean_kl(reference, softmax(_logits(candidate[0], calibration))))
 
 
 def _logits(model: nn.Module, images: np.ndarray) -> np.ndarray:

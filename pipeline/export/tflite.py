@@ -34,7 +34,7 @@ from torch import nn
 from edge import head as edge_head
 from edge.runtimes import TFLiteRunner as Runner  # noqa: F401  (the driver interface)
 from pipeline.export import check_precision
-from pipeline.export.bias_correction import bias_corrected, rounding_error
+from pipeline.export.bias_correction import bias_corrected, corrected_head_bias
 from pipeline.export.ranges import HARDSWISH_INPUT, INPUT_RANGE, clip_to, percentile_range
 
 
@@ -94,8 +94,7 @@ def _with_new_int8_head(payload: bytes, weight: np.ndarray, bias: np.ndarray,
     if not fits:
         return None
 
-    shift = rounding_error(torch.from_numpy(weight).double()) @ torch.from_numpy(features).double().mean(0)
-    corrected = (bias - shift.numpy()).astype(np.float32)
+    corrected = corrected_head_bias(weight, bias, features)
     zero_point, scale = uq.tensor_zp_scale_from_min_max(
         weight.min(1, keepdims=True), weight.max(1, keepdims=True), 8, True, qtyping.QuantGranularity.CHANNELWISE)
     weight_params = qtyping.UniformQuantParams(8, 0, scale, zero_point, symmetric=True)
