@@ -7,8 +7,9 @@
   Kotlin preprocessing must give the same bytes;
 - random logits with their softmax and top-k (``edge/runtimes.py``): Kotlin must agree within 1e-6;
 - the manifest the tests parse (a real export's, ``core/src/test/resources/manifest.json`` by default);
-- a head update: a small model converted by litert-torch, a new head for it, and the file
-  ``edge/head.py`` rebuilds from them: ``HeadUpdate.kt`` must write the same bytes.
+- a head update: a small model converted by litert-torch (fp32, and INT8 as the pipeline exports it), a
+  new head for it, and the file ``edge/head.py`` rebuilds from them: ``HeadUpdate.kt`` must write the
+  same bytes.
 """
 
 from __future__ import annotations
@@ -73,8 +74,45 @@ def write_head_update(out: Path) -> dict:
     rebuilt = with_new_head(previous, weight, bias)
     (out / "rebuilt.tflite").write_bytes(rebuilt)
     (out / "rebuilt_again.tflite").write_bytes(with_new_head(rebuilt, weight[:3], bias[:3]))  # a second update
-    files = ("previous.tflite", "head_fp32.bin", "rebuilt.tflite", "rebuilt_again.tflite")
+    files = ["previous.tflite", "head_fp32.bin", "rebuilt.tflite", "rebuilt_again.tflite"]
+    files += write_int8_head_update(out, model, weight, bias)
     return {name: sha256_file(out / name) for name in files} | {"shape": list(weight.shape)}
+
+
+def write_int8_head_update(out: Path, model, weight: np.ndarray, bias: np.ndarray) -> list[str]:
+    """The same for an INT8 .tflite, full-integer as the pipeline exports it: previous_int8.tflite,
+    head_int8.bin (the 5-class head quantized by the pipeline), rebuilt_int8.tflite and
+    rebuilt_again_int8.tflite (3 of the classes); the file names."""
+    import torch
+
+    from edge.head import head_bytes, read_classifier, with_new_head
+    from edge.runtimes import captured_output
+    from pipeline.export import tflite as tflite_driver
+
+    class Contract(torch.nn.Module):  # uint8 NHWC in, as every artefact
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x.permute(0, 3, 1, 2).float() / 255)
+
+    calibration = np.random.default_rng(5).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
+    contract = Contract().eval()
+    with captured_output():
+        previous = tflite_driver.export(contract, "int8", calibration)
+        with torch.no_grad():
+            features = contract.net[:-1](torch.from_numpy(calibration).permute(0, 3, 1, 2).float() / 255).numpy()
+        written = tflite_driver.with_new_head(previous, weight, bias, features)
+    head = read_classifier(written)  # the 5-class head as the pipeline quantized it
+    (out / "previous_int8.tflite").write_bytes(previous)
+    (out / "head_int8.bin").write_bytes(head_bytes(*head))
+    rebuilt = with_new_head(previous, *head)
+    (out / "rebuilt_int8.tflite").write_bytes(rebuilt)
+    weight_q, bias_q, q = head
+    three = type(q)(q.weight_scale[:3], q.bias_scale[:3], q.output_scale, q.output_zero_point)
+    (out / "rebuilt_again_int8.tflite").write_bytes(with_new_head(rebuilt, weight_q[:3], bias_q[:3], three))
+    return ["previous_int8.tflite", "head_int8.bin", "rebuilt_int8.tflite", "rebuilt_again_int8.tflite"]
 
 
 def main() -> None:

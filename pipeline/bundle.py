@@ -32,7 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from edge.bundle import input_contract_problems, sha256_file, verify
-from edge.head import HEAD_FILE, head_bytes
+from edge.head import HEAD_FILES, head_bytes, read_classifier
 from edge.runtimes import captured_output, measure_latency, softmax
 from pipeline import data as data_mod
 from pipeline.evaluate import predict_probs
@@ -190,13 +190,13 @@ def _export(fmt_driver: Any, model: Any, spec: ArtefactSpec, calibration: np.nda
     return export_chosen(model, spec.precision, calibration, source_entry.get("int8_candidate"))
 
 
-def _write_head_update(staging: Path, model: Any, from_sha256: str) -> dict[str, Any]:
-    """Write the head file (once per bundle) and describe how a device rebuilds the artefact from
-    the previous one (edge/head.py)."""
-    weight, bias = _classifier(model)
-    path = staging / HEAD_FILE
-    write_bytes_atomic(path, head_bytes(weight, bias))
-    return {"from_sha256": from_sha256, "file": HEAD_FILE, "sha256": sha256_file(path),
+def _write_head_update(staging: Path, payload: bytes, precision: str, from_sha256: str) -> dict[str, Any]:
+    """Write the head file of a head-changed ``.tflite`` (its classifier as stored in it) and describe
+    how a device rebuilds the artefact from the previous one (edge/head.py)."""
+    weight, bias, quantization = read_classifier(payload)
+    path = staging / HEAD_FILES[precision]
+    write_bytes_atomic(path, head_bytes(weight, bias, quantization))
+    return {"from_sha256": from_sha256, "file": path.name, "sha256": sha256_file(path),
             "bytes": path.stat().st_size, "shape": list(weight.shape)}
 
 
@@ -265,9 +265,9 @@ def _build(model: Any, manifest: Manifest, data: ExportData, staging: Path, arte
         })
         if head_written:
             from_sha256 = reusable[spec.file][1]["sha256"]
-            if spec.precision == "fp32":  # a device can rebuild it from the previous file (edge/head.py)
-                entries[-1]["head_update"] = _write_head_update(staging, model, from_sha256)
-            else:  # INT8: quantized here from the calibration photos; a device takes the whole file
+            if spec.format == "tflite":  # a device can rebuild it from the previous file (edge/head.py)
+                entries[-1]["head_update"] = _write_head_update(staging, payload, spec.precision, from_sha256)
+            else:  # written here only; a device takes the whole file
                 entries[-1]["head_written_into"] = from_sha256
         tqdm.write(f"  ok   {spec.file}: {path.stat().st_size / 1e6:.2f} MB, val top-1 {result['top1']:.4f}, "
                    f"agreement {result['agreement']:.4f}, {latency['median_ms']:.2f} ms")

@@ -67,13 +67,14 @@ def test_int8_tflite_validates_on_an_emulated_pi_and_agrees_with_x86(exported, t
 
 
 def test_head_update_is_rebuilt_on_an_emulated_pi(exported, tmp_path: Path) -> None:
-    """A new class list sent as a head update: the Pi rebuilds the .tflite from its own, byte for byte."""
+    """A new class list sent as a head update: the Pi rebuilds both .tflite files (fp32 and INT8) from
+    its own, byte for byte, and validates the INT8 one (the runner's first choice)."""
     from tests.test_head import cli, photos
 
     bundle = exported["result"].path
     battery = photos(tmp_path / "battery", 12, (200, 30, 30))
     done = cli("add-class", "--from", str(bundle), "--images", str(battery), "--runs", str(tmp_path / "runs"),
-               "--out", str(tmp_path / "dist"), "--formats", "tflite-fp32", "--quiet")
+               "--out", str(tmp_path / "dist"), "--formats", "tflite", "--calibration", "24", "--quiet")
     assert done.exit_code == 0, done.output
     (new_bundle,) = (tmp_path / "dist").iterdir()
     update = Path(shutil.copytree(new_bundle, tmp_path / "update", ignore=shutil.ignore_patterns("*.tflite")))
@@ -82,4 +83,6 @@ def test_head_update_is_rebuilt_on_an_emulated_pi(exported, tmp_path: Path) -> N
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(done.stdout.splitlines()[-1])
     assert report["machine"] == "Linux aarch64" and report["passed"], report
-    assert (update / "model_fp32.tflite").read_bytes() == (new_bundle / "model_fp32.tflite").read_bytes()
+    assert report["artefact"] == "model_int8.tflite", report
+    for name in ("model_fp32.tflite", "model_int8.tflite"):
+        assert (update / name).read_bytes() == (new_bundle / name).read_bytes()

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -73,36 +74,43 @@ def test_add_class_end_to_end(exported, tmp_path: Path) -> None:
         "exported model_fp32.tflite, model_int8.tflite, model_fp32.onnx, model_int8.onnx"]
     entries = {a["file"]: a for a in manifest["artefacts"]}
     assert sorted(entries) == ["model_fp32.onnx", "model_fp32.tflite", "model_int8.onnx", "model_int8.tflite"]
-    # the .tflite files are the source bundle's with the new head written in (not converted again)
-    assert entries["model_fp32.tflite"]["head_update"]["from_sha256"] == sha256_file(bundle / "model_fp32.tflite")
-    assert entries["model_fp32.tflite"]["outputs"][0]["shape"] == [1, 4]
+    # the .tflite files and the INT8 .onnx are the source bundle's with the new head written in (INT8:
+    # quantized here), not converted again
+    for written in ("model_fp32.tflite", "model_int8.tflite"):
+        assert entries[written]["head_update"]["from_sha256"] == sha256_file(bundle / written)
+        assert entries[written]["outputs"][0]["shape"] == [1, 4]
     assert entries["model_fp32.tflite"]["val"]["agreement"] == 1.0
-    # so are the INT8 ones, their new head quantized here; a device takes those files whole
-    for int8 in ("model_int8.tflite", "model_int8.onnx"):
-        assert "head_update" not in entries[int8]
-        assert entries[int8]["head_written_into"] == sha256_file(bundle / int8)
-        assert entries[int8]["outputs"][0]["shape"] == [1, 4]
-    assert "head_written_into" not in entries["model_fp32.onnx"]  # converted: under a second
+    assert entries["model_int8.onnx"]["head_written_into"] == sha256_file(bundle / "model_int8.onnx")
+    assert entries["model_int8.onnx"]["outputs"][0]["shape"] == [1, 4]
+    assert not {"head_update", "head_written_into"} & entries["model_fp32.onnx"].keys()  # converted: < 1 s
     assert (new_bundle / "labels.txt").read_text().split() == ["cardboard", "glass", "metal", "battery"]
     for artefact in entries:  # the edge runner, unchanged
         assert classify.main(["--bundle", str(new_bundle), "--validate", "--model", artefact]) == 0
 
-    # A device holding the old bundle takes the new one without its .tflite (a head update of a few
-    # KB) and rebuilds that file byte for byte.
+    # A device holding the old bundle takes the new one without its .tflite files (a head update of a
+    # few KB each) and rebuilds them byte for byte.
+    tflites = ["model_fp32.tflite", "model_int8.tflite"]
     update = tmp_path / "update"
-    shutil.copytree(new_bundle, update, ignore=shutil.ignore_patterns("model_fp32.tflite"))
-    head_file = update / entries["model_fp32.tflite"]["head_update"]["file"]
-    assert head_file.stat().st_size == 4 * 4 * (model_features(run_dir) + 1)  # 4 classes, float32
+    shutil.copytree(new_bundle, update, ignore=shutil.ignore_patterns(*tflites))
+    features = model_features(run_dir)
+    head_files = {name: update / entries[name]["head_update"]["file"] for name in tflites}
+    assert head_files["model_fp32.tflite"].stat().st_size == 4 * 4 * (features + 1)  # 4 classes, float32
+    assert head_files["model_int8.tflite"].stat().st_size == 4 * (features + 12) + 8  # int8 weight + quantization
     assert classify.main(["--bundle", str(update), "--validate", "--model", "model_fp32.tflite"]) == 1  # missing
     assert classify.main(["--bundle", str(update), "--head-update-from", str(new_bundle)]) == 2  # not its base
-    assert not (update / "model_fp32.tflite").exists()
-    assert classify.main(["--bundle", str(update), "--head-update-from", str(bundle), "--validate",
-                          "--model", "model_fp32.tflite"]) == 0
-    assert (update / "model_fp32.tflite").read_bytes() == (new_bundle / "model_fp32.tflite").read_bytes()
-    head_file.write_bytes(head_file.read_bytes()[:-4] + b"\0\0\0\0")  # a damaged head file is refused
-    (update / "model_fp32.tflite").unlink()
-    assert classify.main(["--bundle", str(update), "--head-update-from", str(bundle)]) == 2
-    assert not (update / "model_fp32.tflite").exists()
+    assert not any((update / name).exists() for name in tflites)
+    for name in tflites:
+        assert classify.main(["--bundle", str(update), "--head-update-from", str(bundle), "--validate",
+                              "--model", name]) == 0
+        assert (update / name).read_bytes() == (new_bundle / name).read_bytes()
+    for name, head_file in head_files.items():  # a damaged head file is refused, nothing written
+        original = head_file.read_bytes()
+        head_file.write_bytes(original[:-4] + b"\1\1\1\1")
+        (update / name).unlink()
+        assert classify.main(["--bundle", str(update), "--head-update-from", str(bundle)]) == 2
+        assert not (update / name).exists()
+        head_file.write_bytes(original)
+        shutil.copy(new_bundle / name, update / name)
 
 
 def model_features(run_dir: Path) -> int:
@@ -230,3 +238,34 @@ def test_remove_and_rename(exported, tmp_path: Path) -> None:
     assert classify.main(["--bundle", str(renamed_path), "--validate", "--model", "model_fp32.onnx"]) == 0
     done = cli("rename-class", "--from", str(bundle), "glass", "metal", "--out", str(tmp_path / "dist2"))
     assert done.exit_code == 1 and "class 'metal' already exists" in done.output
+
+
+def test_head_files_round_trip_and_a_wrong_size_is_refused(tmp_path: Path) -> None:
+    """What a device reads from a head file is what the pipeline wrote: fp32 (weight, bias) and INT8
+    (int8 weight, int32 bias and their quantization); a file of another size names itself."""
+    from edge.bundle import BundleInvalid
+    from edge.head import Quantization, head_bytes, read_head
+
+    rng = np.random.default_rng(0)
+    weight, bias = rng.normal(size=(3, 5)).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    path = tmp_path / "head_fp32.bin"
+    path.write_bytes(head_bytes(weight, bias))
+    back_weight, back_bias, quantization = read_head(path, [3, 5])
+    np.testing.assert_array_equal(back_weight, weight)
+    np.testing.assert_array_equal(back_bias, bias)
+    assert quantization is None
+
+    weight_q = rng.integers(-127, 128, (3, 5)).astype(np.int8)
+    bias_q = rng.integers(-1000, 1000, 3).astype(np.int32)
+    quantized = Quantization(np.float32([0.1, 0.2, 0.3]), np.float32([1e-3, 2e-3, 3e-3]), 0.05, -7)
+    path = tmp_path / "head_int8.bin"
+    path.write_bytes(head_bytes(weight_q, bias_q, quantized))
+    back_weight, back_bias, back = read_head(path, [3, 5], "int8")
+    np.testing.assert_array_equal(back_weight, weight_q)
+    np.testing.assert_array_equal(back_bias, bias_q)
+    np.testing.assert_array_equal(back.weight_scale, quantized.weight_scale)
+    np.testing.assert_array_equal(back.bias_scale, quantized.bias_scale)
+    assert (back.output_scale, back.output_zero_point) == (np.float32(0.05), -7)
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(BundleInvalid, match="head_int8.bin: 58 bytes, a int8 head"):
+        read_head(path, [3, 5], "int8")

@@ -67,59 +67,30 @@ def _with_new_int8_head(payload: bytes, weight: np.ndarray, bias: np.ndarray,
     """The INT8 file's classifier replaced as ``export`` would quantize it: bias corrected for the
     weights' rounding (``bias_correction.py``), weights per-channel symmetric int8, bias int32 at input
     scale x weight scale, the logits' range by ``ranges.py``'s rule over the calibration photos. The
-    classifier's input (the backbone's output) keeps its quantization: the backbone is unchanged."""
-    from ai_edge_litert import schema_py_generated as schema
-    from ai_edge_litert.tools import flatbuffer_utils
+    classifier's input (the backbone's output) keeps its quantization: the backbone is unchanged.
+    Written as a device writes a head update (``edge/head.py``), so a device can rebuild it."""
     from ai_edge_quantizer import qtyping
     from ai_edge_quantizer.algorithms.uniform_quantize import uniform_quantize_tensor as uq
 
-    model = flatbuffer_utils.read_model_from_bytearray(bytearray(payload))
-    if len(model.subgraphs) != 1 or len(model.subgraphs[0].outputs) != 1:
+    input_quantization = edge_head.classifier_input_quantization(payload)
+    # an all-zero row has no int8 weight scale (ai-edge-quantizer's epsilon would overflow its bias)
+    if input_quantization is None or features.shape[1] != weight.shape[1] or not weight.any(axis=1).all():
         return None
-    graph = model.subgraphs[0]
-    output = int(graph.outputs[0])
-    producers = [op for op in graph.operators if output in op.outputs]
-    if len(producers) != 1 or len(producers[0].inputs) != 3 or producers[0].inputs[2] < 0:
-        return None
-    op = producers[0]
-    code = model.operatorCodes[op.opcodeIndex]
-    x, w, b, y = (graph.tensors[i] for i in (*op.inputs, output))
-    int8, int32 = schema.TensorType.INT8, schema.TensorType.INT32
-    readers = [i for other in graph.operators for i in other.inputs if i in op.inputs[1:]]
-    fits = (schema.BuiltinOperator.FULLY_CONNECTED in (code.builtinCode, code.deprecatedBuiltinCode)
-            and (w.type, b.type, y.type) == (int8, int32, int8)
-            and len(w.shape) == 2 and w.shape[1] == weight.shape[1] == features.shape[1]
-            and weight.shape[0] == len(bias) and len(readers) == 2  # weight and bias read by this op only
-            and w.buffer != b.buffer and weight.any(axis=1).all())  # an all-zero row has no weight scale
-    if not fits:
-        return None
-
     corrected = corrected_head_bias(weight, bias, features)
     zero_point, scale = uq.tensor_zp_scale_from_min_max(
         weight.min(1, keepdims=True), weight.max(1, keepdims=True), 8, True, qtyping.QuantGranularity.CHANNELWISE)
     weight_params = qtyping.UniformQuantParams(8, 0, scale, zero_point, symmetric=True)
-    input_params = qtyping.UniformQuantParams(8, None, np.asarray(x.quantization.scale, np.float32),
-                                              np.asarray(x.quantization.zeroPoint), symmetric=False)
+    input_params = qtyping.UniformQuantParams(8, None, np.array([input_quantization[0]], np.float32),
+                                              np.array([input_quantization[1]]), symmetric=False)
     bias_params = uq.symmetric_quantize_bias_tensor(corrected, input_params, weight_params)
     logits = features @ weight.T + corrected
     low, high = percentile_range(list(logits.min(1)), list(logits.max(1)))
     out_zero_point, out_scale = uq.tensor_zp_scale_from_min_max(
         low, high, 8, False, qtyping.QuantGranularity.TENSORWISE)
-
-    classes = len(bias)
-    quantized = {w: (uq.uniform_quantize(weight, weight_params).astype(np.int8), scale.ravel()),
-                 b: (bias_params.quantized_data.astype("<i4"), bias_params.scale)}
-    for tensor, (values, tensor_scale) in quantized.items():
-        model.buffers[tensor.buffer].data = np.frombuffer(values.tobytes(), np.uint8)
-        tensor.quantization.scale = np.asarray(tensor_scale, np.float32)
-        tensor.quantization.zeroPoint = np.zeros(classes, np.int64)
-    y.quantization.scale = np.asarray(out_scale, np.float32).reshape(1)
-    y.quantization.zeroPoint = np.asarray(out_zero_point, np.int64).reshape(1)
-    for tensor, shape in ((w, weight.shape), (b, (classes,)), (y, (1, classes))):
-        tensor.shape = np.array(shape, np.int32)
-        if tensor.shapeSignature is not None:
-            tensor.shapeSignature = np.array(shape, np.int32)
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    quantization = edge_head.Quantization(scale.ravel().astype(np.float32), bias_params.scale.astype(np.float32),
+                                          float(out_scale), int(out_zero_point))
+    weight_q = uq.uniform_quantize(weight, weight_params).astype(np.int8)
+    return edge_head.with_new_head(payload, weight_q, bias_params.quantized_data.astype(np.int32), quantization)
 
 
 def _convert(model: nn.Module, example: torch.Tensor) -> bytes:

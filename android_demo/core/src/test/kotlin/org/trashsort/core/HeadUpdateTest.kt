@@ -46,6 +46,38 @@ class HeadUpdateTest {
         assertNull(HeadUpdate.withNewHead(ByteArray(64), weight, bias))  // not a classifier's graph
     }
 
+    private val int8Artefact = Artefact(
+        "model_int8.tflite", "tflite", "int8", null, index.getString("rebuilt_int8.tflite"), emptyList(), emptyList(),
+        HeadUpdateInfo(index.getString("previous_int8.tflite"), "head_int8.bin", index.getString("head_int8.bin"),
+            shape[0], shape[1]))
+
+    @Test
+    fun rebuildsThePipelinesInt8FileByteForByte() {
+        val bundle = update("head_int8.bin")
+        val written = HeadUpdate.rebuild(bundle, int8Artefact, File(dir, "previous_int8.tflite").readBytes())
+        assertArrayEquals(File(dir, "rebuilt_int8.tflite").readBytes(), written.readBytes())
+        // a second update on the rebuilt file (three of the classes), as edge/head.py made it
+        val bytes = ByteBuffer.wrap(File(dir, "head_int8.bin").readBytes()).order(ByteOrder.LITTLE_ENDIAN)
+        val (classes, features) = shape
+        val bias = IntArray(classes) { bytes.int }
+        val weightScale = FloatArray(classes) { bytes.float }
+        val biasScale = FloatArray(classes) { bytes.float }
+        val three = HeadUpdate.Quantization(weightScale.copyOf(3), biasScale.copyOf(3), bytes.float, bytes.int)
+        val weight = ByteArray(classes * features).also { bytes.get(it) }
+        assertArrayEquals(File(dir, "rebuilt_again_int8.tflite").readBytes(),
+            HeadUpdate.withNewInt8Head(written.readBytes(), weight.copyOf(3 * features), bias.copyOf(3), three))
+        // an fp32 head does not fit an INT8 file, nor the other way round
+        assertNull(HeadUpdate.withNewHead(written.readBytes(), FloatArray(classes * features), FloatArray(classes)))
+        assertNull(HeadUpdate.withNewInt8Head(previous, weight, bias, HeadUpdate.Quantization(weightScale, biasScale, 1f, 0)))
+        // a head file of the wrong size (its hash in the manifest, so the size check speaks)
+        val short = update("head_int8.bin").also { File(it, "head_int8.bin").writeBytes(File(dir, "head_int8.bin").readBytes().copyOf(100)) }
+        val shortEntry = int8Artefact.copy(headUpdate = int8Artefact.headUpdate!!.copy(
+            sha256 = BundleCheck.sha256(File(short, "head_int8.bin").inputStream())))
+        val message = expectBundleError { HeadUpdate.rebuild(short, shortEntry, File(dir, "previous_int8.tflite").readBytes()) }
+        assertTrue(message, message.contains("100 bytes, a int8 head"))
+        assertFalse(File(short, "model_int8.tflite").exists())
+    }
+
     @Test
     fun refusesAnotherModelOrADamagedHeadAndWritesNothing() {
         val other = previous.copyOf().also { it[previous.size - 1] = (it[previous.size - 1] + 1).toByte() }
@@ -78,8 +110,8 @@ class HeadUpdateTest {
     }
 
     /** A bundle folder as a device receives it: the head file, no .tflite. */
-    private fun update(): File = Files.createTempDirectory("update").toFile().also {
-        File(dir, "head_fp32.bin").copyTo(File(it, "head_fp32.bin"))
+    private fun update(headFile: String = "head_fp32.bin"): File = Files.createTempDirectory("update").toFile().also {
+        File(dir, headFile).copyTo(File(it, headFile))
     }
 
     private fun head(bytes: ByteArray): Pair<FloatArray, FloatArray> {
