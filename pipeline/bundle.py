@@ -16,6 +16,7 @@ interrupted export never leaves a half bundle under the final name.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -207,21 +208,17 @@ def _build(model: Any, manifest: Manifest, data: ExportData, staging: Path, arte
     reference_top1 = float((reference.argmax(1) == data.val_labels).mean())
     golden_inputs = data_mod.center_crops(data.golden_squares, manifest.preprocess.size[0])
     golden_reference = predict_probs(model, golden_inputs)
-    # computed once, when first needed: INT8 drivers quantize a float-identical copy with equalized
-    # activation ranges (see equalize.py); a head written into an INT8 artefact needs the embeddings
-    once: dict[str, Any] = {}
-
+    @functools.cache  # once, when first needed
     def int8_model() -> tuple[Any, int]:
-        if "int8" not in once:
-            once["int8"] = equalize_activations(model, data.calibration)
-        return once["int8"]
+        """INT8 drivers quantize a float-identical copy with equalized activation ranges (equalize.py)."""
+        return equalize_activations(model, data.calibration)
 
+    @functools.cache
     def calibration_features() -> np.ndarray:
-        if "features" not in once:
-            from pipeline.head import embed
+        """The classifier's input on the calibration photos: a head written into an INT8 artefact."""
+        from pipeline.head import embed
 
-            once["features"] = embed(model, data.calibration)
-        return once["features"]
+        return embed(model, data.calibration)
 
     entries, golden_probs, failures = [], {}, {}
     bar = tqdm(artefacts, desc="export", unit="artefact", disable=not progress)

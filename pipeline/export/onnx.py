@@ -37,7 +37,7 @@ from edge.runtimes import softmax
 from pipeline.evaluate import predict_probs
 from pipeline.export import check_precision, mean_kl
 from pipeline.export.bias_correction import bias_corrected, corrected_head_bias
-from pipeline.export.ranges import INPUT_RANGE, clip_to, percentile_range
+from pipeline.export.ranges import INPUT_RANGE, clip_to, logits_range, percentile_range
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 OPSET = 17
@@ -137,10 +137,10 @@ def with_new_head(payload: bytes, weight: np.ndarray, bias: np.ndarray,
     rows = [quantize_data(row, onnx.TensorProto.INT8, symmetric=True, reduce_range=bits == 7) for row in weight]
     w_q = np.stack([q for _, _, q in rows]).astype(np.int8)
     scales = np.array([s for _, s, _ in rows], np.float32).reshape(-1)
+    # the bias as onnxruntime's quantizer quantizes it (its quantize_bias_static_impl is a method, not public)
     bias_scale = (numpy_helper.to_array(initializers[x_scale]) * scales).astype(np.float32)
     b_q = np.clip(np.round(corrected.astype(np.float64) / bias_scale), -2**31, 2**31 - 1).astype(np.int32)
-    logits = calibration_features @ weight.T + corrected
-    low, high = percentile_range(list(logits.min(1)), list(logits.max(1)))
+    low, high = logits_range(calibration_features, weight, corrected)
     qmin, qmax = get_qmin_qmax_for_qType(onnx.TensorProto.INT8)
     out_zero, out_scale = compute_scale_zp(low, high, qmin, qmax)
     classes = len(bias)

@@ -40,6 +40,13 @@ def percentile_range(mins: Sequence[np.ndarray], maxs: Sequence[np.ndarray]) -> 
             np.percentile(np.stack(maxs), RANGE_PERCENTILE, axis=0).astype(np.float32))
 
 
+def logits_range(features: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The range of a classifier's logits on the calibration photos' embeddings (``features``), by
+    the rule above: for a new head written into an INT8 artefact."""
+    logits = features @ weight.T + bias
+    return percentile_range(list(logits.min(1)), list(logits.max(1)))
+
+
 def clip_to(low: np.ndarray, high: np.ndarray, interval: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
     """A range clipped to the input interval its only reader (a saturating activation) resolves."""
     clipped_low, clipped_high = np.maximum(low, interval[0]), np.minimum(high, interval[1])

@@ -35,7 +35,7 @@ from edge import head as edge_head
 from edge.runtimes import TFLiteRunner as Runner  # noqa: F401  (the driver interface)
 from pipeline.export import check_precision
 from pipeline.export.bias_correction import bias_corrected, corrected_head_bias
-from pipeline.export.ranges import HARDSWISH_INPUT, INPUT_RANGE, clip_to, percentile_range
+from pipeline.export.ranges import HARDSWISH_INPUT, INPUT_RANGE, clip_to, logits_range, percentile_range
 
 
 def export(model: nn.Module, precision: str, calibration: np.ndarray) -> bytes:
@@ -83,8 +83,7 @@ def _with_new_int8_head(payload: bytes, weight: np.ndarray, bias: np.ndarray,
     input_params = qtyping.UniformQuantParams(8, None, np.array([input_quantization[0]], np.float32),
                                               np.array([input_quantization[1]]), symmetric=False)
     bias_params = uq.symmetric_quantize_bias_tensor(corrected, input_params, weight_params)
-    logits = features @ weight.T + corrected
-    low, high = percentile_range(list(logits.min(1)), list(logits.max(1)))
+    low, high = logits_range(features, weight, corrected)
     out_zero_point, out_scale = uq.tensor_zp_scale_from_min_max(
         low, high, 8, False, qtyping.QuantGranularity.TENSORWISE)
     quantization = edge_head.Quantization(scale.ravel().astype(np.float32), bias_params.scale.astype(np.float32),
