@@ -21,10 +21,13 @@ class HeadUpdateTest {
     private val index = JSONObject(File(golden, "index.json").readText()).getJSONObject("head_update")
     private val previous = File(dir, "previous.tflite").readBytes()
     private val shape = index.getJSONArray("shape").let { listOf(it.getInt(0), it.getInt(1)) }
-    private val artefact = Artefact(
-        "model_fp32.tflite", "tflite", "fp32", null, index.getString("rebuilt.tflite"), emptyList(), emptyList(),
-        HeadUpdateInfo(index.getString("previous.tflite"), "head_fp32.bin", index.getString("head_fp32.bin"),
-            shape[0], shape[1]))
+    private val artefact = headUpdated("fp32", "rebuilt.tflite", "previous.tflite", "head_fp32.bin")
+    private val int8Artefact = headUpdated("int8", "rebuilt_int8.tflite", "previous_int8.tflite", "head_int8.bin")
+
+    /** The manifest entry of a head-updated .tflite whose golden files are [rebuilt], [previous] and [head]. */
+    private fun headUpdated(precision: String, rebuilt: String, previous: String, head: String) = Artefact(
+        "model_$precision.tflite", "tflite", precision, null, index.getString(rebuilt), emptyList(), emptyList(),
+        HeadUpdateInfo(index.getString(previous), head, index.getString(head), shape[0], shape[1]))
 
     @Test
     fun rebuildsThePipelinesFileByteForByte() {
@@ -45,11 +48,6 @@ class HeadUpdateTest {
         assertNull(HeadUpdate.withNewHead(previous, FloatArray(5 * (shape[1] + 1)), FloatArray(5)))  // wrong width
         assertNull(HeadUpdate.withNewHead(ByteArray(64), weight, bias))  // not a classifier's graph
     }
-
-    private val int8Artefact = Artefact(
-        "model_int8.tflite", "tflite", "int8", null, index.getString("rebuilt_int8.tflite"), emptyList(), emptyList(),
-        HeadUpdateInfo(index.getString("previous_int8.tflite"), "head_int8.bin", index.getString("head_int8.bin"),
-            shape[0], shape[1]))
 
     @Test
     fun rebuildsThePipelinesInt8FileByteForByte() {
