@@ -205,14 +205,14 @@ def _find_classifier(fb: _Flatbuffer) -> _Classifier | None:
             and sum(fb.scalar(t, TENSOR_BUFFER, "<I") in head_buffers for t in tensors) == 2  # not shared
             and all(fb.field(buffers[b], BUFFER_DATA) is not None  # the data inside the flatbuffer
                     and fb.scalar(buffers[b], BUFFER_OFFSET, "<Q") == 0 for b in head_buffers)
-            and (precision == "fp32" or all(_quantization_vectors(fb, t) for t in (weight, bias, out))))
+            and (precision == "fp32" or all(_quantization_fields(fb, t) for t in (weight, bias, out))))
     if not fits:
         return None
     return _Classifier(tensors[input_index], weight, bias, out, buffers[fb.scalar(weight, TENSOR_BUFFER, "<I")],
                        buffers[fb.scalar(bias, TENSOR_BUFFER, "<I")], precision)
 
 
-def _quantization_vectors(fb: _Flatbuffer, tensor: int) -> tuple[int, int] | None:
+def _quantization_fields(fb: _Flatbuffer, tensor: int) -> tuple[int, int] | None:
     """Where a tensor's quantization keeps its scale and zero-point vectors (None if it has none)."""
     params = fb.table(tensor, TENSOR_QUANTIZATION)
     if params is None:
@@ -301,7 +301,7 @@ def with_new_head(flatbuffer: bytes, weight: np.ndarray, bias: np.ndarray,
         vectors = ((head.weight, q.weight_scale, np.zeros(classes)), (head.bias, q.bias_scale, np.zeros(classes)),
                    (head.output, [q.output_scale], [q.output_zero_point]))
         for tensor, scale, zero_point in vectors:
-            scale_field, zero_point_field = _quantization_vectors(fb, tensor)
+            scale_field, zero_point_field = _quantization_fields(fb, tensor)
             append_and_point(scale_field, len(scale), float32_bytes(np.asarray(scale)))
             append_and_point(zero_point_field, len(zero_point), np.asarray(zero_point, "<i8").tobytes())
     return bytes(out)
