@@ -781,7 +781,7 @@ def test_executorch_int8_keeps_the_candidate_closer_to_float(monkeypatch: pytest
     """Four candidates, the model as it is and bias-corrected, each calibrated once and converted
     with both activation range rules; the export keeps the one whose logits on the calibration
     photos are closer to the float model's (mean KL), and each candidate equals that model and rule
-    quantized on its own."""
+    quantized on its own (the percentile rule's calibration then keeps no histogram)."""
     import torch
 
     from pipeline.export import executorch as et_driver
@@ -791,7 +791,7 @@ def test_executorch_int8_keeps_the_candidate_closer_to_float(monkeypatch: pytest
     calibrations, candidates, kls = [], [], []
 
     def recorded(results: list, function: Callable) -> Callable:
-        return lambda *args: results.append(function(*args)) or results[-1]
+        return lambda *args, **kwargs: results.append(function(*args, **kwargs)) or results[-1]
 
     monkeypatch.setattr(et_driver, "_calibrated", recorded(calibrations, et_driver._calibrated))
     monkeypatch.setattr(et_driver, "_converted", recorded(candidates, et_driver._converted))
@@ -805,6 +805,8 @@ def test_executorch_int8_keeps_the_candidate_closer_to_float(monkeypatch: pytest
     # a head change passes that choice back: one calibration, one conversion, the same model
     again, same_choice = et_driver._closest_int8(model, images, choice)
     assert len(calibrations) == 3 and len(candidates) == 5 and len(kls) == 4 and same_choice == choice
+    observers = [m for m in calibrations[-1].modules() if isinstance(m, et_driver.RangeObserver)]
+    assert observers and all(m.keep_histogram == (choice["range_rule"] == "histogram") for m in observers)
     candidates.pop()
     np.testing.assert_array_equal(et_driver._logits(again, images), et_driver._logits(chosen, images))
     with pytest.raises(ValueError, match="int8_candidate"):
