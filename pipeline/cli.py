@@ -282,8 +282,10 @@ def head_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--runs", "runs_dir", default="runs", show_default=True,
                      help="The new head run goes to RUNS/<name>-v<version>/."),
         click.option("--out", "out_dir", default="dist", show_default=True, help="Bundles go to OUT/."),
-        click.option("--formats", help="Artefacts to export (as for export).  [default: those of the --from "
-                                       "bundle, else all six]"),
+        click.option("--formats", help="Artefacts to export (as for export). From a bundle, its .tflite files "
+                                       "and INT8 .onnx get the new head written in (seconds); .pte files are "
+                                       "converted again (about a minute): 'tflite' or 'onnx' is the fast path.  "
+                                       "[default: those of the --from bundle, else all six]"),
         click.option("--calibration", "calibration_count", type=click.IntRange(min=1), default=200,
                      show_default=True, help="Training photos to calibrate INT8 on."),
         click.option("--no-export", is_flag=True, help="Only the new head run, no bundle."),
