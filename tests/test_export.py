@@ -481,6 +481,28 @@ def test_head_is_written_only_into_a_bundle_of_the_same_backbone(exported, run_c
     assert "head_update" not in converted.manifest.artefacts[0]
 
 
+def test_a_head_written_artefact_failing_the_gate_is_converted_anew(exported, run_cache, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """The fast path may not cost an artefact: a head change whose written-in file fails the gate
+    converts that artefact as a full export would, and gates it again."""
+    source = exported["result"].path
+    write_head = tflite_driver.with_new_head
+
+    def rows_swapped(payload: bytes, weight: np.ndarray, bias: np.ndarray, features=None) -> bytes | None:
+        return write_head(payload, weight[::-1], bias[::-1], features)  # a head written in wrongly
+
+    monkeypatch.setattr(tflite_driver, "with_new_head", rows_swapped)
+    result = bundle_mod.export_run(exported["run"].run_dir, out_dir=tmp_path, head_source=source,
+                                   calibration_count=8, golden_count=3, artefacts=select("tflite"), progress=True)
+    assert result.failures == {}
+    entries = {a["file"]: a for a in result.manifest.artefacts}
+    assert sorted(entries) == ["model_fp32.tflite", "model_int8.tflite"]
+    assert not any("head_update" in entry for entry in entries.values())  # both converted
+    assert entries["model_fp32.tflite"]["val"]["agreement"] == 1.0
+    assert capsys.readouterr().out.count("with the new head written in: ") == 2
+
+
 def test_select_artefacts() -> None:
     assert [a.file for a in select("tflite")] == ["model_fp32.tflite", "model_int8.tflite"]
     assert [a.file for a in select("onnx-int8,executorch-fp32")] == ["model_fp32.pte", "model_int8.onnx"]

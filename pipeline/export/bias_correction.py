@@ -61,7 +61,8 @@ def corrected_head_bias(weight: np.ndarray, bias: np.ndarray, features: np.ndarr
                         levels: int = WEIGHT_LEVELS) -> np.ndarray:
     """A classifier's bias corrected as ``bias_corrected`` corrects it, its input mean taken from
     ``features`` (the calibration photos' embeddings): for a head written into an INT8 artefact."""
-    shift = rounding_error(torch.from_numpy(weight).double(), levels) @ torch.from_numpy(features).double().mean(0)
+    weight64, features64 = (torch.from_numpy(np.array(a, np.float64)) for a in (weight, features))
+    shift = rounding_error(weight64, levels) @ features64.mean(0)
     return (bias - shift.numpy()).astype(np.float32)
 
 
