@@ -85,14 +85,19 @@ def describe(payload: bytes) -> dict[str, Any]:
     """What the manifest cannot learn from the runtime: an INT8 model's weight bits (8, or 7 where
     that was kept; see the module docstring). Weights are the int8 initializers a DequantizeLinear
     reads (activations are not initializers, biases are int32); 7-bit ones span at most -64..64."""
-    graph = onnx.load_from_string(payload).graph
+    bits = _weight_bits(onnx.load_from_string(payload).graph)
+    return {} if bits is None else {"weight_bits": bits}
+
+
+def _weight_bits(graph: onnx.GraphProto) -> int | None:
+    """8 or 7 (see ``describe``); None for a model without int8 weights (fp32)."""
     dequantized = {node.input[0] for node in graph.node if node.op_type == "DequantizeLinear"}
     weights = [numpy_helper.to_array(t) for t in graph.initializer
                if t.name in dequantized and t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1]
     if not weights:
-        return {}
+        return None
     largest = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
-    return {"weight_bits": 8 if largest > 64 else 7}
+    return 8 if largest > 64 else 7
 
 
 def with_new_head(payload: bytes, weight: np.ndarray, bias: np.ndarray,
@@ -105,11 +110,13 @@ def with_new_head(payload: bytes, weight: np.ndarray, bias: np.ndarray,
     None for an fp32 model (converting it takes under a second) or a graph that does not end so."""
     from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType, quantize_data
 
-    bits = describe(payload).get("weight_bits")
-    if calibration_features is None or bits is None:
+    if calibration_features is None:
         return None
     model = onnx.load_from_string(payload)
     graph = model.graph
+    bits = _weight_bits(graph)
+    if bits is None:
+        return None
     producer = {name: node for node in graph.node for name in node.output}
     initializers = {t.name: t for t in graph.initializer}
     if len(graph.output) != 1:
