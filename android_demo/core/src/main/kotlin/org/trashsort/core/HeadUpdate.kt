@@ -213,15 +213,13 @@ object HeadUpdate {
         /** A sub-table (or a vector: its length, then its items) that field [index] points to. */
         fun table(table: Int, index: Int): Int? = field(table, index)?.let { it + b.getInt(it) }
 
-        private fun vector(table: Int, index: Int): Int? = table(table, index)
-
         fun tables(table: Int, index: Int): List<Int> {
-            val vector = vector(table, index) ?: return emptyList()
+            val vector = table(table, index) ?: return emptyList()
             return List(b.getInt(vector)) { k -> (vector + 4 + 4 * k).let { slot -> slot + b.getInt(slot) } }
         }
 
         fun ints(table: Int, index: Int): List<Int> {
-            val vector = vector(table, index) ?: return emptyList()
+            val vector = table(table, index) ?: return emptyList()
             return List(b.getInt(vector)) { k -> b.getInt(vector + 4 + 4 * k) }
         }
     }
