@@ -116,14 +116,14 @@ FULLY_CONNECTED = 9
 FLOAT32, INT32, INT8 = 0, 2, 9
 
 
-class _Flatbuffer:
+class Flatbuffer:
     """Read-only navigation of a flatbuffer: tables, their fields, vectors (little-endian)."""
 
     def __init__(self, data: bytes) -> None:
         self.data = data
-        self.root = self._u32(0)
+        self.root = self.u32(0)
 
-    def _u32(self, pos: int) -> int:
+    def u32(self, pos: int) -> int:
         return struct.unpack_from("<I", self.data, pos)[0]
 
     def field(self, table: int, index: int) -> int | None:
@@ -142,26 +142,26 @@ class _Flatbuffer:
     def table(self, table: int, index: int) -> int | None:
         """The sub-table, or vector (its length, then its items), that field ``index`` points to."""
         pos = self.field(table, index)
-        return None if pos is None else pos + self._u32(pos)
+        return None if pos is None else pos + self.u32(pos)
 
     def tables(self, table: int, index: int) -> list[int]:
         vector = self.table(table, index)
         if vector is None:
             return []
-        slots = (vector + 4 + 4 * k for k in range(self._u32(vector)))
-        return [slot + self._u32(slot) for slot in slots]
+        slots = (vector + 4 + 4 * k for k in range(self.u32(vector)))
+        return [slot + self.u32(slot) for slot in slots]
 
     def ints(self, table: int, index: int) -> list[int]:
         vector = self.table(table, index)
         if vector is None:
             return []
-        return list(struct.unpack_from(f"<{self._u32(vector)}i", self.data, vector + 4))
+        return list(struct.unpack_from(f"<{self.u32(vector)}i", self.data, vector + 4))
 
     def array(self, table: int, index: int, dtype: str) -> np.ndarray:
         vector = self.table(table, index)
         if vector is None:
             return np.zeros(0, dtype)
-        return np.frombuffer(self.data, dtype, self._u32(vector), vector + 4)
+        return np.frombuffer(self.data, dtype, self.u32(vector), vector + 4)
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,7 @@ class _Classifier:
     precision: str
 
 
-def _find_classifier(fb: _Flatbuffer) -> _Classifier | None:
+def _find_classifier(fb: Flatbuffer) -> _Classifier | None:
     """The classifier the graph ends in (one subgraph, one output, a fully-connected op with its own
     weight and bias buffers inside the file), or None."""
     graphs = fb.tables(fb.root, MODEL_SUBGRAPHS)
@@ -212,7 +212,7 @@ def _find_classifier(fb: _Flatbuffer) -> _Classifier | None:
                        buffers[fb.scalar(bias, TENSOR_BUFFER, "<I")], precision)
 
 
-def _quantization_fields(fb: _Flatbuffer, tensor: int) -> tuple[int, int] | None:
+def _quantization_fields(fb: Flatbuffer, tensor: int) -> tuple[int, int] | None:
     """Where a tensor's quantization keeps its scale and zero-point vectors (None if it has none)."""
     params = fb.table(tensor, TENSOR_QUANTIZATION)
     if params is None:
@@ -224,7 +224,7 @@ def _quantization_fields(fb: _Flatbuffer, tensor: int) -> tuple[int, int] | None
 def read_classifier(flatbuffer: bytes) -> tuple[np.ndarray, np.ndarray, Quantization | None] | None:
     """The weight, bias and (INT8) quantization of the classifier a ``.tflite`` ends in, as stored
     (what its head file holds); None if it does not end in one."""
-    fb = _Flatbuffer(flatbuffer)
+    fb = Flatbuffer(flatbuffer)
     head = _find_classifier(fb)
     if head is None:
         return None
@@ -243,7 +243,7 @@ def read_classifier(flatbuffer: bytes) -> tuple[np.ndarray, np.ndarray, Quantiza
 def classifier_input_quantization(flatbuffer: bytes) -> tuple[float, int] | None:
     """Scale and zero point of an INT8 classifier's input (the backbone's output), which a new head's
     bias scale derives from; None if the file does not end in an INT8 classifier."""
-    fb = _Flatbuffer(flatbuffer)
+    fb = Flatbuffer(flatbuffer)
     head = _find_classifier(fb)
     if head is None or head.precision != "int8" or fb.table(head.input, TENSOR_QUANTIZATION) is None:
         return None
@@ -251,7 +251,7 @@ def classifier_input_quantization(flatbuffer: bytes) -> tuple[float, int] | None
     return (float(scale[0]), int(zero_point[0])) if len(scale) == 1 and len(zero_point) == 1 else None
 
 
-def _quantization(fb: _Flatbuffer, tensor: int) -> tuple[np.ndarray, np.ndarray]:
+def _quantization(fb: Flatbuffer, tensor: int) -> tuple[np.ndarray, np.ndarray]:
     params = fb.table(tensor, TENSOR_QUANTIZATION)
     return fb.array(params, QUANTIZATION_SCALE, "<f4"), fb.array(params, QUANTIZATION_ZERO_POINT, "<i8")
 
@@ -270,7 +270,7 @@ def with_new_head(flatbuffer: bytes, weight: np.ndarray, bias: np.ndarray,
     (a few tens of KB; a full export starts afresh). That is simple enough to do the same way on any
     device (the Android core's ``HeadUpdate.kt`` does), byte for byte, with no flatbuffers library;
     the pipeline gates the result like any export, and a device checks its sha256."""
-    fb = _Flatbuffer(flatbuffer)
+    fb = Flatbuffer(flatbuffer)
     head = _find_classifier(fb)
     classes = len(bias)
     if (head is None or head.precision != ("fp32" if quantization is None else "int8") or weight.ndim != 2

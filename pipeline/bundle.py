@@ -169,15 +169,19 @@ def _classifier(model: Any) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _with_new_head(model: Any, spec: ArtefactSpec, reusable: Reusable,
-                   calibration_features: Callable[[], np.ndarray]) -> bytes | None:
+                   calibration_features: Callable[[], np.ndarray]) -> tuple[bytes | None, dict[str, Any]]:
     """The reusable artefact for ``spec`` with ``model``'s classifier written in, if its driver can
-    (INT8: given the calibration photos' embeddings, ``calibration_features()``)."""
+    (INT8: given the calibration photos' embeddings, ``calibration_features()``, and what the source's
+    export chose, which the new file keeps), and its manifest facts."""
     write_head = getattr(driver(spec.format), "with_new_head", None)
     classifier = _classifier(model)
     if spec.file not in reusable or write_head is None or classifier is None:
-        return None
+        return None, {}
+    path, entry = reusable[spec.file]
     features = calibration_features() if spec.precision == "int8" else None
-    return write_head(reusable[spec.file][0].read_bytes(), *classifier, features)
+    choice = entry.get("int8_candidate")
+    payload = write_head(path.read_bytes(), *classifier, features, choice)
+    return payload, ({"int8_candidate": choice} if choice is not None else {})
 
 
 def _export(fmt_driver: Any, model: Any, spec: ArtefactSpec, calibration: np.ndarray,
@@ -231,8 +235,10 @@ def _build(model: Any, manifest: Manifest, data: ExportData, staging: Path, arte
         # (its INT8 ranges were calibrated without the new photos), the artefact is converted anew.
         for write_head in (True, False) if spec.file in reusable else (False,):
             t0 = time.perf_counter()
-            payload = _with_new_head(model, spec, reusable, calibration_features) if write_head else None
-            head_written, facts = payload is not None, {}
+            payload, facts = None, {}
+            if write_head:
+                payload, facts = _with_new_head(model, spec, reusable, calibration_features)
+            head_written = payload is not None
             if head_written:  # the source's equalization is what the INT8 file still holds
                 equalized = reusable[spec.file][1].get("equalized_relu_boundaries", 0)
             else:

@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from edge.bundle import BundleInvalid, input_contract_problems, sha256_file, verify
+from edge.head import float32_bytes
 from edge.runtimes import softmax
 from pipeline import bundle as bundle_mod
 from pipeline import data as data_mod
@@ -239,50 +240,67 @@ def test_int8_drivers_quantize_the_bias_corrected_model(fmt: str, grids: list[in
     assert calls == grids
 
 
-def test_new_head_written_into_the_fp32_tflite_equals_a_conversion(exported, run_cache, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", ["tflite", "executorch"])
+def test_new_head_written_into_an_fp32_artefact_equals_a_conversion(fmt: str, exported, run_cache,
+                                                                    tmp_path: Path) -> None:
     """A head change reuses the converted graph: the classifier's weights (any class count) are
     written into it, and it computes what PyTorch computes with that head, also when written again."""
     import torch
-    from ai_edge_litert.tools import flatbuffer_utils
 
     from pipeline.head import install_head
 
     result = exported["result"]
-    model, _ = train_mod.load_checkpoint(exported["run"].run_dir)
+    fmt_driver = driver(fmt)
+    model, manifest = train_mod.load_checkpoint(exported["run"].run_dir)
     images, _ = val_inputs(exported)
-    converted = (result.path / "model_fp32.tflite").read_bytes()
+    suffix = {"tflite": "tflite", "executorch": "pte"}[fmt]
+    converted = (result.path / f"model_fp32.{suffix}").read_bytes()
     features = model.model.get_classifier().in_features
     torch.manual_seed(0)
-    weight, bias = torch.randn(5, features) * 0.1, torch.randn(5)
+    weight, bias = torch.randn(manifest.num_classes + 2, features) * 0.1, torch.randn(manifest.num_classes + 2)
     install_head(model, weight, bias)
     with torch.no_grad():
         reference = model(torch.from_numpy(images)).numpy()
 
-    path = tmp_path / "head.tflite"
-    path.write_bytes(tflite_driver.with_new_head(converted, weight.numpy(), bias.numpy()))
-    runner = tflite_driver.Runner(path)
-    assert runner.io["outputs"][0]["shape"] == [1, 5]
+    path = tmp_path / f"head.{suffix}"
+    path.write_bytes(fmt_driver.with_new_head(converted, weight.numpy(), bias.numpy()))
+    runner = fmt_driver.Runner(path)
+    assert runner.io["outputs"][0]["shape"] == [1, manifest.num_classes + 2]
     np.testing.assert_allclose(runner(images), reference, rtol=1e-4, atol=1e-4)
-    # again on the result (a second head change): back to the exported head, the exported outputs
+    # again on the result (a second head change): back to the exported head, the exported file
     original, _ = train_mod.load_checkpoint(exported["run"].run_dir)
     back = original.model.get_classifier()
-    path.write_bytes(tflite_driver.with_new_head(path.read_bytes(), back.weight.detach().numpy(),
-                                                 back.bias.detach().numpy()))
-    np.testing.assert_allclose(tflite_driver.Runner(path)(images),
-                               tflite_driver.Runner(result.path / "model_fp32.tflite")(images), rtol=0, atol=0)
+    path.write_bytes(fmt_driver.with_new_head(path.read_bytes(), back.weight.detach().numpy(),
+                                              back.bias.detach().numpy()))
+    np.testing.assert_allclose(fmt_driver.Runner(path)(images),
+                               fmt_driver.Runner(result.path / f"model_fp32.{suffix}")(images), rtol=0, atol=0)
+    if fmt == "executorch":  # the replaced head's data is dropped; the export's own head: its own bytes
+        assert float32_bytes(weight.numpy()) not in path.read_bytes()
+        own = back.weight.detach().numpy(), back.bias.detach().numpy()
+        assert fmt_driver.with_new_head(converted, *own) == converted
 
-    assert tflite_driver.with_new_head(converted, np.zeros((5, features + 1), np.float32),
-                                       np.zeros(5, np.float32)) is None  # a head that does not fit
-    # a converter drops an all-zero bias: no bias tensor to write into, so the export converts again
-    dropped = flatbuffer_utils.read_model_from_bytearray(bytearray(converted))
-    dropped.subgraphs[0].operators[-1].inputs[2] = -1
-    without_bias = bytes(flatbuffer_utils.convert_object_to_bytearray(dropped))
-    assert tflite_driver.with_new_head(without_bias, weight.numpy(), bias.numpy()) is None
+    assert fmt_driver.with_new_head(converted, np.zeros((5, features + 1), np.float32),
+                                    np.zeros(5, np.float32)) is None  # a head that does not fit
+    if fmt == "tflite":
+        from ai_edge_litert.tools import flatbuffer_utils
+
+        # a converter drops an all-zero bias: no bias tensor to write into, so the export converts again
+        dropped = flatbuffer_utils.read_model_from_bytearray(bytearray(converted))
+        dropped.subgraphs[0].operators[-1].inputs[2] = -1
+        without_bias = bytes(flatbuffer_utils.convert_object_to_bytearray(dropped))
+        assert fmt_driver.with_new_head(without_bias, weight.numpy(), bias.numpy()) is None
 
 
 def int8_classifier(fmt: str, payload: bytes) -> tuple[np.ndarray, ...]:
     """The last layer of an INT8 artefact: int8 weight, its scales, int32 bias, its scales, the
     logits' scale."""
+    if fmt == "executorch":
+        from pipeline.export import xnnpack_head
+
+        head = xnnpack_head.read_head(payload)
+        return (np.frombuffer(head.weight, np.int8), np.frombuffer(head.weight_scale, "<f4"),
+                np.frombuffer(head.bias, "<i4"), np.frombuffer(head.bias_scale, "<f4"),
+                head.output_quantization[0])
     if fmt == "tflite":
         from ai_edge_litert.tools import flatbuffer_utils
 
@@ -303,13 +321,17 @@ def int8_classifier(fmt: str, payload: bytes) -> tuple[np.ndarray, ...]:
     return values[w[0]], values[w[1]], values[b[0]], values[b[1]], values[quantize.input[1]]
 
 
-@pytest.mark.parametrize("fmt", ["tflite", "onnx"])
+SUFFIXES = {"executorch": "pte", "tflite": "tflite", "onnx": "onnx"}
+
+
+@pytest.mark.parametrize("fmt", ["tflite", "onnx", "executorch"])
 def test_new_head_written_into_an_int8_artefact_is_quantized_as_the_export_quantizes(fmt: str, exported,
                                                                                         run_cache) -> None:
-    """A head change writes its classifier into the INT8 .tflite and .onnx too: the export's own head,
-    with the export's calibration photos, comes back as the conversion quantized it (bias correction,
-    weight grid and bias scale the same; the logits' range from the embeddings instead of the
-    converted graph); a head with another class count runs in the runtime like PyTorch's."""
+    """A head change writes its classifier into the INT8 .tflite, .onnx and .pte too: the export's own
+    head, with the export's calibration photos (and, .pte, the candidate its export kept), comes back
+    as the conversion quantized it (bias correction, weight grid and bias scale the same; the logits'
+    range from the embeddings instead of the converted graph); a head with another class count runs in
+    the runtime like PyTorch's."""
     import torch
 
     from pipeline.head import embed, install_head
@@ -321,13 +343,17 @@ def test_new_head_written_into_an_int8_artefact_is_quantized_as_the_export_quant
     folder = data_mod.scan_folder(exported["root"] / "data")
     data = bundle_mod.load_export_data(folder, manifest.preprocess, 24, 6, cfg.seed)  # the fixture's export
     features = embed(model, data.calibration)
-    converted = (result.path / f"model_int8.{fmt}").read_bytes()
+    suffix = SUFFIXES[fmt]
+    converted = (result.path / f"model_int8.{suffix}").read_bytes()
+    entry = next(a for a in result.manifest.artefacts if a["file"] == f"model_int8.{suffix}")
+    choice = entry.get("int8_candidate")
+    assert (choice is not None) == (fmt == "executorch")
     head = model.model.get_classifier()
     weight, bias = head.weight.detach().numpy(), head.bias.detach().numpy()
 
     w_q, w_scale, b_q, b_scale, y_scale = int8_classifier(fmt, converted)
     w_again, w_scale_again, b_again, b_scale_again, y_scale_again = int8_classifier(
-        fmt, fmt_driver.with_new_head(converted, weight, bias, features))
+        fmt, fmt_driver.with_new_head(converted, weight, bias, features, choice))
     np.testing.assert_array_equal(w_again, w_q)
     np.testing.assert_allclose(w_scale_again, w_scale, rtol=1e-6)
     np.testing.assert_allclose(b_scale_again, b_scale, rtol=1e-6)
@@ -341,16 +367,19 @@ def test_new_head_written_into_an_int8_artefact_is_quantized_as_the_export_quant
     with torch.no_grad():
         reference = model(torch.from_numpy(data.val_images)).numpy()
     with TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"head.{fmt}"
-        path.write_bytes(fmt_driver.with_new_head(converted, new_weight, new_bias, features))
+        path = Path(tmp) / f"head.{suffix}"
+        path.write_bytes(fmt_driver.with_new_head(converted, new_weight, new_bias, features, choice))
         runner = fmt_driver.Runner(path)
         assert runner.io["outputs"][0]["shape"] == [1, len(new_bias)]
         logits = runner(data.val_images)
     assert np.mean(logits.argmax(1) == reference.argmax(1)) >= 0.75
     assert np.abs(logits - reference).max() < 0.25 * np.ptp(reference)
-    assert fmt_driver.with_new_head(converted, new_weight[:, 1:], new_bias, features[:, 1:]) is None  # no fit
-    assert fmt_driver.with_new_head((result.path / f"model_fp32.{fmt}").read_bytes(), new_weight, new_bias,
-                                    features) is None  # an fp32 file with calibration features: not INT8
+    no_fit = new_weight[:, 1:], new_bias, features[:, 1:], choice
+    assert fmt_driver.with_new_head(converted, *no_fit) is None
+    assert fmt_driver.with_new_head((result.path / f"model_fp32.{suffix}").read_bytes(), new_weight, new_bias,
+                                    features, choice) is None  # an fp32 file with calibration features: not INT8
+    if fmt == "executorch":  # the quantization depends on the export's choice: none, nothing written
+        assert fmt_driver.with_new_head(converted, new_weight, new_bias, features) is None
     if fmt == "tflite":  # an all-zero row gets no int8 weight scale from ai-edge-quantizer: converted instead
         new_weight[-1] = 0
         assert fmt_driver.with_new_head(converted, new_weight, new_bias, features) is None

@@ -49,7 +49,7 @@ def test_add_class_end_to_end(exported, tmp_path: Path) -> None:
     battery = photos(tmp_path / "battery", 16, (200, 30, 30))
     done = cli("add-class", "--from", str(bundle), "--images", str(battery), "--stream", "hazardous-waste",
                "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "dist"),
-               "--formats", "tflite,onnx", "--calibration", "24", "--quiet")
+               "--calibration", "24", "--quiet")  # the formats of the source bundle: all six
     assert done.exit_code == 0, done.output
     assert "classes kept: val top-1" in done.output and "unchanged" in done.output
 
@@ -71,17 +71,24 @@ def test_add_class_end_to_end(exported, tmp_path: Path) -> None:
     assert manifest["model"]["backbone_sha256"] == report["backbone_sha256"]["after"]
     assert [h["change"] for h in manifest["history"]][-2:] == [
         "added battery (head only)",
-        "exported model_fp32.tflite, model_int8.tflite, model_fp32.onnx, model_int8.onnx"]
+        "exported model_fp32.pte, model_int8.pte, model_fp32.tflite, model_int8.tflite, model_fp32.onnx, "
+        "model_int8.onnx"]
     entries = {a["file"]: a for a in manifest["artefacts"]}
-    assert sorted(entries) == ["model_fp32.onnx", "model_fp32.tflite", "model_int8.onnx", "model_int8.tflite"]
-    # the .tflite files and the INT8 .onnx are the source bundle's with the new head written in (INT8:
-    # quantized here), not converted again
+    assert sorted(entries) == ["model_fp32.onnx", "model_fp32.pte", "model_fp32.tflite", "model_int8.onnx",
+                               "model_int8.pte", "model_int8.tflite"]
+    # the .tflite and .pte files and the INT8 .onnx are the source bundle's with the new head written in
+    # (INT8: quantized here; the .pte as its export's kept candidate, which the entry keeps), not
+    # converted again
     for written in ("model_fp32.tflite", "model_int8.tflite"):
         assert entries[written]["head_update"]["from_sha256"] == sha256_file(bundle / written)
         assert entries[written]["outputs"][0]["shape"] == [1, 4]
     assert entries["model_fp32.tflite"]["val"]["agreement"] == 1.0
-    assert entries["model_int8.onnx"]["head_written_into"] == sha256_file(bundle / "model_int8.onnx")
-    assert entries["model_int8.onnx"]["outputs"][0]["shape"] == [1, 4]
+    for written in ("model_fp32.pte", "model_int8.pte", "model_int8.onnx"):
+        assert entries[written]["head_written_into"] == sha256_file(bundle / written)
+        assert entries[written]["outputs"][0]["shape"] == [1, 4]
+    assert entries["model_fp32.pte"]["val"]["agreement"] == 1.0
+    source_entries = {a["file"]: a for a in base["artefacts"]}
+    assert entries["model_int8.pte"]["int8_candidate"] == source_entries["model_int8.pte"]["int8_candidate"]
     assert not {"head_update", "head_written_into"} & entries["model_fp32.onnx"].keys()  # converted: < 1 s
     assert (new_bundle / "labels.txt").read_text().split() == ["cardboard", "glass", "metal", "battery"]
     for artefact in entries:  # the edge runner, unchanged

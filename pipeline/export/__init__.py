@@ -12,10 +12,10 @@ Every driver module has the same small interface (as timm's model families do):
 - optionally ``export_chosen(model, precision, calibration, choice=None) -> (bytes, facts)``: where
   an export chooses between candidates (the ExecuTorch INT8 ``.pte``), what it chose, for the
   manifest; a head change passes the source bundle's choice back to skip choosing again.
-- optionally ``with_new_head(payload, weight, bias, calibration_features=None) -> bytes | None``:
-  a head change's artefact written from the source bundle's (the new classifier in its last op;
-  INT8 quantizes it over the calibration photos' embeddings) instead of converted again; None where
-  the file does not allow it.
+- optionally ``with_new_head(payload, weight, bias, calibration_features=None, choice=None) -> bytes
+  | None``: a head change's artefact written from the source bundle's (the new classifier in its last
+  op; INT8 quantizes it over the calibration photos' embeddings, as the source's export chose to,
+  ``choice``, where it chose) instead of converted again; None where the file does not allow it.
 """
 
 from __future__ import annotations

@@ -52,16 +52,24 @@ from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
     get_symmetric_quantization_config,
 )
 from executorch.exir import EdgeProgramManager, to_edge_transform_and_lower
+from executorch.exir._serialize._program import deserialize_pte_binary
 from torch import nn
 from torchao.quantization.pt2e.observer import HistogramObserver
+from torchao.quantization.pt2e.prepare import _create_obs_or_fq_from_qspec
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec, SharedQuantizationSpec
+from torchao.quantization.pt2e.quantizer import (
+    QuantizationAnnotation,
+    QuantizationConfig,
+    QuantizationSpec,
+    SharedQuantizationSpec,
+)
 from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 
+from edge.head import float32_bytes
 from edge.runtimes import ExecuTorchRunner as Runner  # noqa: F401  (the driver interface)
 from edge.runtimes import softmax
-from pipeline.export import check_precision, mean_kl
-from pipeline.export.bias_correction import bias_corrected
+from pipeline.export import check_precision, mean_kl, xnnpack_head
+from pipeline.export.bias_correction import bias_corrected, corrected_head_bias
 from pipeline.export.ranges import HARDSIGMOID_INPUT, HARDSWISH_INPUT, clip_to, percentile_range
 
 
@@ -81,6 +89,59 @@ def export_chosen(model: nn.Module, precision: str, calibration: np.ndarray,
     if precision == "int8":
         model, facts["int8_candidate"] = _closest_int8(model, calibration, choice)
     return lower(_exported(model, calibration)).to_executorch().buffer, facts
+
+
+def with_new_head(payload: bytes, weight: np.ndarray, bias: np.ndarray,
+                  calibration_features: np.ndarray | None = None,
+                  choice: dict[str, Any] | None = None) -> bytes | None:
+    """A head change's ``.pte``: ``payload`` (a ``.pte`` this driver wrote) with the classifier
+    ``weight`` [classes, features] and ``bias`` written into its XNNPACK graph (``xnnpack_head.py``),
+    for any class count; None if it holds no classifier that fits (the export lowers then).
+
+    fp32 without ``calibration_features``. INT8 with them (the calibration photos' embeddings, the
+    classifier's input) and ``choice``, the candidate the source's export kept (``int8_candidate``):
+    the classifier is quantized as that candidate's PT2E conversion quantizes it (bias corrected or
+    not, XNNPACKQuantizer's weight observer, the logits observed by the candidate's range rule, the
+    int32 bias at input x weight scale as XNNPACK's serializer quantizes it)."""
+    pte = deserialize_pte_binary(payload)
+    classifier = xnnpack_head.find_classifier(pte)
+    int8 = calibration_features is not None
+    if (classifier is None or classifier.precision != ("int8" if int8 else "fp32") or weight.ndim != 2
+            or weight.shape[1] != classifier.shape[1] or len(bias) != len(weight)):
+        return None
+    if not int8:
+        head = xnnpack_head.Head(float32_bytes(weight), float32_bytes(bias))
+    elif choice is None or calibration_features.shape[1] != weight.shape[1]:
+        return None
+    else:
+        head = _int8_head(weight, bias, calibration_features, choice, classifier.input_quantization[0])
+    return xnnpack_head.with_new_head(pte, classifier, head, len(bias))
+
+
+def _int8_head(weight: np.ndarray, bias: np.ndarray, features: np.ndarray, choice: dict[str, Any],
+               input_scale: float) -> xnnpack_head.Head:
+    config = _config(histogram=choice["range_rule"] == "histogram")
+    used_bias = corrected_head_bias(weight, bias, features) if choice["bias_corrected"] else bias
+    weight_observer = _create_obs_or_fq_from_qspec(config.weight, {}, False)  # as prepare_pt2e makes them
+    weight_tensor = torch.from_numpy(np.ascontiguousarray(weight, np.float32))
+    weight_observer(weight_tensor)
+    weight_scale, weight_zero_point = weight_observer.calculate_qparams()
+    spec = config.weight
+    weight_q = torch.ops.quantized_decomposed.quantize_per_channel(
+        weight_tensor, weight_scale, weight_zero_point, spec.ch_axis, spec.quant_min, spec.quant_max, torch.int8)
+    bias_scale = weight_scale.float() * input_scale  # float32, as XNNPACK's serializer computes it
+    bias_q = torch.ops.quantized_decomposed.quantize_per_channel(
+        torch.from_numpy(np.asarray(used_bias, np.float32)), bias_scale, torch.zeros_like(weight_zero_point), 0,
+        -2**31, 2**31 - 1, torch.int32)
+    output_observer = _create_obs_or_fq_from_qspec(config.output_activation, {}, False)
+    output_observer.rule = choice["range_rule"]
+    logits = features.astype(np.float32) @ weight.T.astype(np.float32) + np.asarray(used_bias, np.float32)
+    for row in logits:  # one photo per call, as the calibration runs
+        output_observer(torch.from_numpy(row[None]))
+    output_scale, output_zero_point = output_observer.calculate_qparams()
+    return xnnpack_head.Head(weight_q.numpy().tobytes(), bias_q.numpy().astype("<i4").tobytes(),
+                             float32_bytes(weight_scale.numpy()), float32_bytes(bias_scale.numpy()),
+                             (float(output_scale), int(output_zero_point)))
 
 
 def _exported(model: nn.Module, calibration: np.ndarray) -> torch.export.ExportedProgram:
@@ -267,15 +328,19 @@ def _calibrated(exported: torch.export.ExportedProgram, calibration: np.ndarray,
     """PT2E: prepared with the activation-aware XNNPACKQuantizer, activations observed by
     ``RangeObserver`` (with its histogram, or per-photo extremes only), the calibration photos run
     through it."""
-    config = get_symmetric_quantization_config(is_per_channel=True)
-    config = dataclasses.replace(
-        config, input_activation=_observed_by(config.input_activation, RangeObserver, keep_histogram=histogram),
-        output_activation=_observed_by(config.output_activation, RangeObserver, keep_histogram=histogram))
-    prepared = prepare_pt2e(exported.module(), ActivationAwareQuantizer().set_global(config))
+    prepared = prepare_pt2e(exported.module(), ActivationAwareQuantizer().set_global(_config(histogram)))
     with torch.no_grad():
         for image in calibration:  # batch 1: the exported shape
             prepared(torch.from_numpy(np.array(image[None])))
     return prepared
+
+
+def _config(histogram: bool = True) -> QuantizationConfig:
+    """XNNPACKQuantizer's per-channel symmetric config with activations observed by ``RangeObserver``."""
+    config = get_symmetric_quantization_config(is_per_channel=True)
+    return dataclasses.replace(
+        config, input_activation=_observed_by(config.input_activation, RangeObserver, keep_histogram=histogram),
+        output_activation=_observed_by(config.output_activation, RangeObserver, keep_histogram=histogram))
 
 
 def _converted(calibrated: torch.fx.GraphModule, rule: str) -> nn.Module:

@@ -101,13 +101,14 @@ def _weight_bits(graph: onnx.GraphProto) -> int | None:
 
 
 def with_new_head(payload: bytes, weight: np.ndarray, bias: np.ndarray,
-                  calibration_features: np.ndarray | None = None) -> bytes | None:
+                  calibration_features: np.ndarray | None = None, choice: None = None) -> bytes | None:
     """A head change's INT8 model: ``payload`` (an INT8 model this driver wrote) with the classifier
     ``weight`` [classes, features] and ``bias`` written into its last Gemm, quantized as
     ``quantize_static`` does (weights per channel on the file's weight grid, bias int32 at input
     scale x weight scale), its bias corrected for the weights' rounding and the logits' range taken by
     ``ranges.py``'s rule, both over ``calibration_features`` (the calibration photos' embeddings).
-    None for an fp32 model (converting it takes under a second) or a graph that does not end so."""
+    None for an fp32 model (converting it takes under a second) or a graph that does not end so.
+    ``choice``: none (this driver's export chooses its weight bits, and the file records them)."""
     from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType, quantize_data
 
     if calibration_features is None:

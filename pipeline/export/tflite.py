@@ -50,13 +50,14 @@ def export(model: nn.Module, precision: str, calibration: np.ndarray) -> bytes:
 
 
 def with_new_head(payload: bytes, weight: np.ndarray, bias: np.ndarray,
-                  calibration_features: np.ndarray | None = None) -> bytes | None:
+                  calibration_features: np.ndarray | None = None, choice: None = None) -> bytes | None:
     """A head change's artefact: ``payload`` (a ``.tflite`` this driver wrote) with the classifier
     ``weight`` [classes, features] and ``bias`` written into its last op, for any class count; None
     if the graph does not end in a fully-connected classifier that fits (the export converts then).
 
     fp32 without ``calibration_features``; INT8 with them (the calibration photos' embeddings, the
-    classifier's input: its bias correction and output range are measured on them)."""
+    classifier's input: its bias correction and output range are measured on them). ``choice``:
+    none (this driver's export chooses nothing)."""
     if calibration_features is None:
         return edge_head.with_new_head(payload, weight, bias)
     return _with_new_int8_head(payload, weight, bias, calibration_features)
