@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +51,13 @@ def main(verbose: bool) -> None:
     """trashsort: fine-tune a recycling classifier and package it for phones, Pis and Jetsons."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, _exit_on_terminate)
+
+
+def _exit_on_terminate(signum: int, frame: object) -> None:
+    """``kill`` ends a command as Ctrl-C does: its clean-up runs (an export's staging folder is
+    removed), instead of Python's default of stopping on the spot."""
+    raise SystemExit(128 + signum)
 
 
 @main.command()

@@ -480,6 +480,26 @@ def test_interrupted_export_leaves_no_bundle(exported, run_cache, tmp_path: Path
     assert list((tmp_path / "dist").iterdir()) == []
 
 
+def test_terminated_export_command_leaves_no_bundle(exported, run_cache, tmp_path: Path) -> None:
+    """``kill`` (SIGTERM) during ``trashsort export`` removes its staging folder, as Ctrl-C does."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "dist"
+    command = [sys.executable, "-c", "from pipeline.cli import main; main()", "export",
+               str(exported["run"].run_dir), "--out", str(out), "--calibration", "8", "--golden", "3", "--quiet"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while not (out.is_dir() and any(out.iterdir())) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, "the export ended before it could be stopped"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    assert list(out.iterdir()) == []
+
+
 def test_existing_bundle_is_kept_unless_forced(exported, run_cache, tmp_path: Path) -> None:
     out = tmp_path / "dist"
     options = dict(calibration_count=8, golden_count=3, out_dir=out, artefacts=select("onnx-fp32"),
