@@ -538,8 +538,9 @@ def test_a_head_written_artefact_failing_the_gate_is_converted_anew(exported, ru
     source = exported["result"].path
     write_head = tflite_driver.with_new_head
 
-    def rows_swapped(payload: bytes, weight: np.ndarray, bias: np.ndarray, features=None) -> bytes | None:
-        return write_head(payload, weight[::-1], bias[::-1], features)  # a head written in wrongly
+    def rows_swapped(payload: bytes, weight: np.ndarray, bias: np.ndarray, features=None,
+                     choice=None) -> bytes | None:
+        return write_head(payload, weight[::-1], bias[::-1], features, choice)  # a head written in wrongly
 
     monkeypatch.setattr(tflite_driver, "with_new_head", rows_swapped)
     result = bundle_mod.export_run(exported["run"].run_dir, out_dir=tmp_path, head_source=source,

@@ -178,7 +178,8 @@ def _constant(fb: Flatbuffer, constants: list[int], table: int, scale: bool = Fa
     key_length = 64 + (len(SCALE_KEY_PREFIX) if scale else 0)  # a sha256, as the new key will be
     if fb.field(entry, CONSTANT_SIZE) is None or key is None or fb.u32(key) != key_length:
         return None
-    return entry
+    shared = sum(fb.table(other, CONSTANT_KEY) == key for other in constants) > 1  # one string, two entries
+    return None if shared else entry
 
 
 def read_head(payload: bytes) -> Head | None:
@@ -263,7 +264,7 @@ def _drop_unused(pte: PTEFile, keys: list[str]) -> None:
     blobs = [d.data for d in pte.program.backend_delegate_data]
     named = pte.named_data
     unused = {k for k in keys if not any(k.encode() in blob for blob in blobs)}
-    if not unused:
+    if not unused or named.external_data:  # (buffers of external data files: left as they are)
         return
     kept = [(k, e) for k, e in named.pte_data.items() if k not in unused]
     buffers = {e.buffer_index for _, e in kept}
