@@ -120,13 +120,14 @@ def with_new_head(payload: bytes, weight: np.ndarray, bias: np.ndarray,
 
 def _int8_head(weight: np.ndarray, bias: np.ndarray, features: np.ndarray, choice: dict[str, Any],
                input_scale: float) -> xnnpack_head.Head:
+    """``with_new_head``'s INT8 classifier: its quantization as the chosen candidate's conversion."""
     config = _config(histogram=choice["range_rule"] == "histogram")
     used_bias = corrected_head_bias(weight, bias, features) if choice["bias_corrected"] else bias
-    weight_observer = _create_obs_or_fq_from_qspec(config.weight, {}, False)  # as prepare_pt2e makes them
+    spec = config.weight
+    weight_observer = _create_obs_or_fq_from_qspec(spec, {}, False)  # as prepare_pt2e makes them
     weight_tensor = torch.from_numpy(np.ascontiguousarray(weight, np.float32))
     weight_observer(weight_tensor)
     weight_scale, weight_zero_point = weight_observer.calculate_qparams()
-    spec = config.weight
     weight_q = torch.ops.quantized_decomposed.quantize_per_channel(
         weight_tensor, weight_scale, weight_zero_point, spec.ch_axis, spec.quant_min, spec.quant_max, torch.int8)
     bias_scale = weight_scale.float() * input_scale  # float32, as XNNPACK's serializer computes it
