@@ -290,9 +290,9 @@ def head_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--runs", "runs_dir", default="runs", show_default=True,
                      help="The new head run goes to RUNS/<name>-v<version>/."),
         click.option("--out", "out_dir", default="dist", show_default=True, help="Bundles go to OUT/."),
-        click.option("--formats", help="Artefacts to export (as for export). From a bundle, its .tflite files "
-                                       "and INT8 .onnx get the new head written in (seconds); .pte files are "
-                                       "converted again (about a minute): 'tflite' or 'onnx' is the fast path.  "
+        click.option("--formats", help="Artefacts to export (as for export). From a bundle, its .tflite and "
+                                       ".pte files and INT8 .onnx get the new head written in (seconds) "
+                                       "instead of being converted again; from a run, all are converted.  "
                                        "[default: those of the --from bundle, else all six]"),
         click.option("--calibration", "calibration_count", type=click.IntRange(min=1), default=200,
                      show_default=True, help="Training photos to calibrate INT8 on."),
