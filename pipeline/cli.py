@@ -305,6 +305,19 @@ def head_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+KEPT_CLASSES_MAX_DROP = 0.01  # the val top-1 the classes kept may lose before the CLI says so
+
+
+def kept_classes_advice(before: float, after: float) -> str | None:
+    """What to do when a head change costs the classes kept more than ``KEPT_CLASSES_MAX_DROP``."""
+    drop = before - after
+    if drop <= KEPT_CLASSES_MAX_DROP:
+        return None
+    return (f"the classes kept lost {100 * drop:.1f} pp of val top-1: features fine-tuned without the new "
+            f"class do not separate it well enough for a new head alone. Retraining the whole model on all "
+            f"classes (trashsort train) keeps them; see README, 'New classes'.")
+
+
 def _finish_head_change(result: Any, source: Any, formats: str | None, out_dir: str, calibration_count: int,
                         no_export: bool, force: bool, quiet: bool, started: float) -> None:
     """Print what changed, export and gate the new run, print each phase's time."""
@@ -320,6 +333,9 @@ def _finish_head_change(result: Any, source: Any, formats: str | None, out_dir: 
     if old["count"]:
         click.echo(f"  classes kept: val top-1 {old['before']:.4f} before, {old['after']:.4f} after "
                    f"(n={old['count']})")
+        advice = kept_classes_advice(old["before"], old["after"])
+        if advice:
+            click.echo(f"  note: {advice}")
     for name, c in report["per_class"].items():
         click.echo(f"  {name:<14} recall {c['recall']:.3f}  F1 {c['f1']:.3f}  (n={c['support']})")
     same = report["backbone_sha256"]["before"] == report["backbone_sha256"]["after"]

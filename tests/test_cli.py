@@ -111,3 +111,12 @@ def test_evaluate_val_and_predict(trained_run: Path, tiny_data: Path, tmp_path: 
 def test_predict_without_checkpoint(tmp_path: Path) -> None:
     result = run("predict", "x.jpg", "--checkpoint", str(tmp_path / "none"))
     assert_one_line_error(result, "checkpoint not found")
+
+
+def test_head_change_advises_retraining_when_the_classes_kept_lose_more_than_a_point() -> None:
+    from pipeline.cli import kept_classes_advice
+
+    assert kept_classes_advice(0.9401, 0.9338) is None  # -0.6 pp
+    assert kept_classes_advice(0.95, 0.96) is None
+    advice = kept_classes_advice(0.9401, 0.9117)
+    assert advice is not None and "2.8 pp" in advice and "trashsort train" in advice
