@@ -287,12 +287,25 @@ def machine() -> str:
 
 def measure_latency(runner: Any, image: np.ndarray, warmup: int = 5, runs: int = 30) -> dict[str, float]:
     """Batch-1 latency in ms: median and p90 over ``runs`` after ``warmup``."""
+    return measure_latencies([runner], image, warmup, runs)[0]
+
+
+def measure_latencies(runners: list[Any], image: np.ndarray, warmup: int = 5, runs: int = 30,
+                      rounds: int = 1) -> list[dict[str, float]]:
+    """``measure_latency`` of each runner. With ``rounds`` > 1 they take turns, ``runs / rounds`` at
+    a time, so that a machine still warming up (or busy for a moment) weighs on all of them alike,
+    not on whichever ran first: timed first and alone, PyTorch eager once took 9.1 ms where it takes
+    5.7-5.8 ms warm."""
     batch = image[None]
-    for _ in range(warmup):
-        runner(batch)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        runner(batch)
-        times.append((time.perf_counter() - t0) * 1000)
-    return {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)), "runs": runs}
+    for runner in runners:
+        for _ in range(warmup):
+            runner(batch)
+    times: list[list[float]] = [[] for _ in runners]
+    for _ in range(rounds):
+        for runner, own in zip(runners, times):
+            for _ in range(max(1, runs // rounds)):
+                t0 = time.perf_counter()
+                runner(batch)
+                own.append((time.perf_counter() - t0) * 1000)
+    return [{"median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)), "runs": len(t)}
+            for t in times]
