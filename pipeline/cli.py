@@ -313,9 +313,9 @@ def kept_classes_advice(before: float, after: float) -> str | None:
     drop = before - after
     if drop <= KEPT_CLASSES_MAX_DROP:
         return None
-    return (f"the classes kept lost {100 * drop:.1f} pp of val top-1: features fine-tuned without the new "
-            f"class do not separate it well enough for a new head alone. Retraining the whole model on all "
-            f"classes (trashsort train) keeps them; see README, 'New classes'.")
+    return (f"the classes kept lost {100 * drop:.1f} pp of val top-1: a new head alone cannot hold them on "
+            f"this backbone (fine-tuned on other classes than these). Retraining the whole model on all "
+            f"classes (trashsort train) does; see README, 'New classes'.")
 
 
 def _finish_head_change(result: Any, source: Any, formats: str | None, out_dir: str, calibration_count: int,
