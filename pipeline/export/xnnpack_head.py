@@ -37,11 +37,12 @@ PER_TENSOR_SCALE, PER_TENSOR_ZERO_POINT = 0, 1
 PER_CHANNEL_SCALE_BUFFER, PER_CHANNEL_NUM_SCALES = 2, 3
 CONSTANT_SIZE, CONSTANT_KEY = 1, 2
 NODE_FULLY_CONNECTED, NODE_CONVERT = 2, 18
-VALUE_TENSOR, VALUE_QUANTIZED = 1, 2
+VALUE_QUANTIZED = 2  # (1: a plain tensor)
 PER_CHANNEL, PER_TENSOR = 1, 2
 NO_VALUE = 0xFFFFFFFF
 SCALE_KEY_PREFIX = "scale_"  # ExecuTorch's XNNPACK serializer names per-channel scales so
 SEGMENT_ALIGNMENT = 128  # ExecutorchBackendConfig's default, as the export wrote the file
+HEADER_MAGIC, HEADER_GRAPH_OFFSET, HEADER_GRAPH_SIZE = slice(4, 8), 10, 14  # XNNHeader: where the graph is
 
 
 @dataclass(frozen=True)
@@ -92,9 +93,9 @@ def find_classifier(pte: PTEFile) -> Classifier | None:
     if reference.location != DataLocation.INLINE:
         return None
     blob = program.backend_delegate_data[reference.index].data
-    if blob[4:8] != b"XH00":  # XNNHeader: magic, length, then the graph's offset and size
+    if blob[HEADER_MAGIC] != b"XH00":
         return None
-    graph_offset, graph_size = struct.unpack_from("<II", blob, 10)
+    graph_offset, graph_size = struct.unpack_from("<II", blob, HEADER_GRAPH_OFFSET)
     found = _graph_classifier(Flatbuffer(bytes(blob[graph_offset:graph_offset + graph_size])))
     return None if found is None else Classifier(reference.index, graph_offset, output, **found)
 
@@ -203,7 +204,7 @@ def read_head(payload: bytes) -> Head | None:
 
 def _graph(pte: PTEFile, classifier: Classifier) -> Flatbuffer:
     blob = pte.program.backend_delegate_data[classifier.delegate].data
-    size = struct.unpack_from("<I", blob, 14)[0]
+    size = struct.unpack_from("<I", blob, HEADER_GRAPH_SIZE)[0]
     return Flatbuffer(bytes(blob[classifier.graph_offset:classifier.graph_offset + size]))
 
 
