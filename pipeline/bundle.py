@@ -123,9 +123,9 @@ def build_bundle(
     """Export, gate and bundle. Artefacts that fail the gate are left out and listed in the result.
 
     ``head_source``: the bundle a head change started from. Its artefacts, if their driver can write
-    a new classifier into them (``.tflite``, INT8 ``.onnx``) and the backbone and preprocessing are this
-    model's, are reused with the new head instead of being converted again; they are gated like any
-    export."""
+    a new classifier into them (``.tflite``, ``.pte``, INT8 ``.onnx``) and the backbone and
+    preprocessing are this model's, are reused with the new head instead of being converted again;
+    they are gated like any export."""
     thresholds = thresholds or Thresholds()
     final = Path(out_dir) / f"{manifest.name}-v{manifest.version}"
     if final.exists() and not force:

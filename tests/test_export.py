@@ -380,6 +380,9 @@ def test_new_head_written_into_an_int8_artefact_is_quantized_as_the_export_quant
                                     features, choice) is None  # an fp32 file with calibration features: not INT8
     if fmt == "executorch":  # the quantization depends on the export's choice: none, nothing written
         assert fmt_driver.with_new_head(converted, new_weight, new_bias, features) is None
+        with pytest.raises(ValueError, match="int8_candidate"):  # nor one that names no candidate
+            fmt_driver.with_new_head(converted, new_weight, new_bias, features,
+                                     {"bias_corrected": True, "range_rule": "minmax"})
     if fmt == "tflite":  # an all-zero row gets no int8 weight scale from ai-edge-quantizer: converted instead
         new_weight[-1] = 0
         assert fmt_driver.with_new_head(converted, new_weight, new_bias, features) is None
@@ -881,8 +884,9 @@ def test_executorch_int8_keeps_the_candidate_closer_to_float(monkeypatch: pytest
     assert observers and all(m.keep_histogram == (choice["range_rule"] == "histogram") for m in observers)
     candidates.pop()
     np.testing.assert_array_equal(et_driver._logits(again, images), et_driver._logits(chosen, images))
-    with pytest.raises(ValueError, match="int8_candidate"):
-        et_driver._closest_int8(model, images, {"range_rule": "histogram"})
+    for bad in ({"range_rule": "histogram"}, {"bias_corrected": False, "range_rule": "minmax"}):
+        with pytest.raises(ValueError, match="int8_candidate"):
+            et_driver._closest_int8(model, images, bad)
     monkeypatch.undo()
     variants = [model, bias_corrected(model, images)]
     for index, candidate in enumerate(candidates):

@@ -121,6 +121,7 @@ def with_new_head(payload: bytes, weight: np.ndarray, bias: np.ndarray,
 def _int8_head(weight: np.ndarray, bias: np.ndarray, features: np.ndarray, choice: dict[str, Any],
                input_scale: float) -> xnnpack_head.Head:
     """``with_new_head``'s INT8 classifier: its quantization as the chosen candidate's conversion."""
+    _check_choice(choice)
     config = _config(histogram=choice["range_rule"] == "histogram")
     used_bias = corrected_head_bias(weight, bias, features) if choice["bias_corrected"] else bias
     spec = config.weight
@@ -299,8 +300,7 @@ def _closest_int8(model: nn.Module, calibration: np.ndarray,
     calibration photos are closer to the float model's (mean KL), as the ONNX driver picks its
     weight bits; returned with its description. Given ``choice`` (such a description), only that one."""
     if choice is not None:
-        if set(choice) != {"bias_corrected", "range_rule"}:
-            raise ValueError(f"int8_candidate {choice!r}: expected bias_corrected and range_rule")
+        _check_choice(choice)
         variant = bias_corrected(model, calibration) if choice["bias_corrected"] else model
         return _quantize(_exported(variant, calibration), calibration, choice["range_rule"]), dict(choice)
     reference = softmax(_logits(model, calibration))
@@ -310,6 +310,13 @@ def _closest_int8(model: nn.Module, calibration: np.ndarray,
         candidates += [(_converted(calibrated, rule), {"bias_corrected": corrected, "range_rule": rule})
                        for rule in RANGE_RULES]
     return min(candidates, key=lambda candidate: mean_kl(reference, softmax(_logits(candidate[0], calibration))))
+
+
+def _check_choice(choice: dict[str, Any]) -> None:
+    """A recorded ``int8_candidate`` names one of the four candidates ``_closest_int8`` builds."""
+    if set(choice) != {"bias_corrected", "range_rule"} or choice["range_rule"] not in RANGE_RULES:
+        raise ValueError(f"int8_candidate {choice!r}: expected bias_corrected and a range_rule of "
+                         f"{list(RANGE_RULES)}")
 
 
 def _logits(model: nn.Module, images: np.ndarray) -> np.ndarray:
