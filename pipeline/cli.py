@@ -92,6 +92,9 @@ def _exit_on_terminate(signum: int, frame: object) -> None:
               help="Mixup Beta alpha (e.g. 0.2); 0 = off.")
 @click.option("--cutmix", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="CutMix Beta alpha (e.g. 1.0); 0 = off. With --mixup too, one of the two per batch.")
+@click.option("--trivial-augment", is_flag=True,
+              help="TrivialAugment (one of 14 ops, e.g. shear, rotate, posterize, equalize, at a random "
+                   "strength per photo) instead of the colour jitter.")
 @click.option("--imagenet-distill", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Weight of a term that keeps the pretrained model's ImageNet predictions "
                    "(Learning without Forgetting; e.g. 1); 0 = off. About a quarter more time per epoch.")
@@ -110,8 +113,8 @@ def _exit_on_terminate(signum: int, frame: object) -> None:
 @friendly_errors
 def train(data: Path | None, model: str, weights: Path | None, no_pretrained: bool, size: int | None,
           epochs: int, batch_size: int, lr: float, backbone_lr_scale: float, patience: int, balance: bool,
-          ema_decay: float, label_smoothing: float, mixup: float, cutmix: float, imagenet_distill: float,
-          drop_path: float, seed: int, threads: int | None,
+          ema_decay: float, label_smoothing: float, mixup: float, cutmix: float, trivial_augment: bool,
+          imagenet_distill: float, drop_path: float, seed: int, threads: int | None,
           out_dir: str, run_name: str | None, resume_dir: Path | None, quiet: bool) -> None:
     """Fine-tune a timm model on a class-folder dataset; writes runs/<id>/ with the checkpoint,
     manifest.json, metrics and the data report (runs/latest points at it)."""
@@ -127,8 +130,9 @@ def train(data: Path | None, model: str, weights: Path | None, no_pretrained: bo
                 data=str(data), model=model, weights=str(weights) if weights else None,
                 pretrained=not no_pretrained, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
                 backbone_lr_scale=backbone_lr_scale, patience=patience, balance=balance, ema_decay=ema_decay,
-                label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, imagenet_distill=imagenet_distill,
-                drop_path_rate=drop_path, seed=seed, threads=threads, out_dir=out_dir, run_name=run_name)
+                label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, trivial_augment=trivial_augment,
+                imagenet_distill=imagenet_distill, drop_path_rate=drop_path, seed=seed, threads=threads,
+                out_dir=out_dir, run_name=run_name)
             result = train_mod.train(cfg, progress=not quiet)
     except WeightsError as e:
         raise click.ClickException(str(e)) from None

@@ -273,6 +273,10 @@ class Augment:
     vflip: bool = True  # an object on a backdrop has no fixed "up"
     rotate90: bool = True
     jitter: float = 0.3  # brightness/contrast/saturation strength
+    # TrivialAugment (Mueller & Hutter, 2021): one op of 14 (shear, rotate, posterize, equalize, ...)
+    # at a random strength per photo, no knobs to tune; it replaces the colour jitter, as timm's
+    # auto-augment does.
+    trivial_augment: bool = False
 
     def __call__(self, images: np.ndarray, gen: torch.Generator) -> torch.Tensor:
         """uint8 (N, S, S, 3) -> float (N, 3, size, size) in [0, 1]."""
@@ -290,9 +294,22 @@ class Augment:
             out[flips[:, 1] < 0.5] = out[flips[:, 1] < 0.5].flip(2)
         if self.rotate90:
             out[flips[:, 2] < 0.5] = out[flips[:, 2] < 0.5].transpose(2, 3)
-        if self.jitter > 0:
+        if self.trivial_augment:
+            out = self._trivial_augment(out, gen)
+        elif self.jitter > 0:
             out = self._color_jitter(out, gen)
         return out.clamp_(0, 1)
+
+    @staticmethod
+    def _trivial_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        from torchvision.transforms import v2  # pipeline/__init__ made it importable
+
+        # torchvision draws from torch's global generator: seed it from ours, then restore it.
+        seed = int(torch.randint(2**31, (1,), generator=gen))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            augment = v2.TrivialAugmentWide()
+            return torch.stack([augment(img) for img in x])
 
     def _crop_box(self, height: int, width: int, gen: torch.Generator) -> tuple[int, int, int, int]:
         area = height * width

@@ -78,6 +78,7 @@ class TrainConfig:
     drop_rate: float = 0.2  # dropout before the classifier
     drop_path_rate: float = 0.0  # stochastic depth in the blocks, 0 = off
     crop_scale_min: float = 0.35
+    trivial_augment: bool = False  # TrivialAugment instead of the colour jitter (data.Augment)
     mixup: float = 0.0  # Beta alpha of mixup, 0 = off
     cutmix: float = 0.0  # Beta alpha of CutMix, 0 = off
     imagenet_distill: float = 0.0  # weight of the ImageNet-knowledge term (ImagenetDistill), 0 = off
@@ -213,7 +214,7 @@ def _run(cfg: TrainConfig, run_dir: Path, progress: bool) -> RunResult:
         optimizer, lambda s: lr_factor(s, total_steps, warmup_steps))
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay > 0 else None
     weights = (data_mod.class_weights(train_set.labels, len(folder.classes)) if cfg.balance else None)
-    augment = data_mod.Augment(size=size, scale=(cfg.crop_scale_min, 1.0))
+    augment = data_mod.Augment(size=size, scale=(cfg.crop_scale_min, 1.0), trivial_augment=cfg.trivial_augment)
     val_images = data_mod.center_crops(val_set.images, size)
 
     start_epoch, best, bad_epochs = 0, -1.0, 0

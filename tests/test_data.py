@@ -182,6 +182,29 @@ def test_augment_is_seeded() -> None:
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_trivial_augment_is_seeded_per_photo_and_leaves_torch_rng_alone() -> None:
+    import torch
+
+    images = np.random.default_rng(0).integers(0, 255, (8, 20, 20, 3), dtype=np.uint8)
+    plain = data.Augment(size=16, hflip=False, vflip=False, rotate90=False, jitter=0.0)
+    trivial = data.Augment(size=16, hflip=False, vflip=False, rotate90=False, jitter=0.0,
+                           trivial_augment=True)
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    a = trivial(images, torch.Generator().manual_seed(1))
+    assert torch.equal(torch.rand(3), before)  # torch's global generator as it was
+    assert torch.equal(a, trivial(images, torch.Generator().manual_seed(1)))
+    assert not torch.equal(a, trivial(images, torch.Generator().manual_seed(2)))
+    assert a.shape == (8, 3, 16, 16) and 0 <= a.min() and a.max() <= 1
+    # Same crops (the generator's draws before the ops are the same), then one op per photo:
+    # photos differ from the plain crop in different ways, and at least one is changed.
+    base = plain(images, torch.Generator().manual_seed(1))
+    changed = [not torch.allclose(x, y, atol=1e-6) for x, y in zip(a, base)]
+    assert any(changed)
+    assert len({round(float((x - y).abs().mean()), 6) for x, y in zip(a, base)}) > 1
+
+
 def test_mix_batch_mixup_cutmix_and_off() -> None:
     import torch
 
