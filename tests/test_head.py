@@ -139,6 +139,25 @@ def test_second_add_embeds_only_the_new_photos(exported, tmp_path: Path) -> None
     assert backbone_sha256(second.model.model) == backbone_sha256(first.model.model)
 
 
+def test_phase_seconds_are_each_phase_alone(exported, tmp_path: Path, monkeypatch) -> None:
+    """``evaluate_save`` once included the fit; a slow fit shows up in ``fit_head`` only."""
+    import time
+
+    fit = head.fit_head
+
+    def slow_fit(*args, **kwargs):
+        time.sleep(1.0)
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(head, "fit_head", slow_fit)
+    battery = photos(tmp_path / "battery", 12, (200, 30, 30))
+    result = head.add_classes(head.load_source(exported["run"].run_dir), {"battery": battery},
+                              out_dir=tmp_path / "runs")
+    seconds = result.report["seconds"]
+    assert seconds["fit_head"] >= 1.0
+    assert seconds["evaluate_save"] < seconds["fit_head"]
+
+
 def test_export_warms_the_cache_so_the_first_add_embeds_only_new_photos(exported, tmp_path: Path,
                                                                         monkeypatch) -> None:
     monkeypatch.setenv("TRASHSORT_CACHE", str(exported["cache"]))  # the cache the export used
