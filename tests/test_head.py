@@ -139,6 +139,23 @@ def test_second_add_embeds_only_the_new_photos(exported, tmp_path: Path) -> None
     assert backbone_sha256(second.model.model) == backbone_sha256(first.model.model)
 
 
+def test_fit_head_keeps_known_rows_fits_a_new_one_and_restores_threads() -> None:
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 3, (3, 8))
+    labels = np.repeat(np.arange(3), 30)
+    features = (centres[labels] + rng.normal(0, 0.5, (90, 8))).astype(np.float32)
+    # A prior head that knows classes 0 and 1 (its rows 1 and 0: the order may change); 2 is new.
+    prior_w = np.stack([centres[1], centres[0]]).astype(np.float32)
+    prior_b = np.zeros(2, dtype=np.float32)
+    threads = torch.get_num_threads()
+    weight, bias = head.fit_head(features, labels, 3, (prior_w, prior_b, np.array([1, 0, -1])))
+    assert torch.get_num_threads() == threads  # it fits on one thread, then gives them back
+    assert ((torch.from_numpy(features) @ weight.T + bias).argmax(1).numpy() == labels).mean() == 1.0
+    # Known rows stay near their prior (the anchor), the new row is what moved.
+    assert torch.nn.functional.cosine_similarity(weight[0], torch.from_numpy(prior_w[1]), dim=0) > 0.9
+    assert torch.nn.functional.cosine_similarity(weight[1], torch.from_numpy(prior_w[0]), dim=0) > 0.9
+
+
 def test_phase_seconds_are_each_phase_alone(exported, tmp_path: Path, monkeypatch) -> None:
     """``evaluate_save`` once included the fit; a slow fit shows up in ``fit_head`` only."""
     import time
