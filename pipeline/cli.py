@@ -322,6 +322,18 @@ def kept_classes_advice(before: float, after: float) -> str | None:
             f"classes (trashsort train) does; see README, 'New classes'.")
 
 
+NEW_CLASS_MIN_RECALL = 0.5  # a class fitted in this change found in fewer of its val photos gets a note
+
+
+def new_class_advice(name: str, recall: float, train_photos: int) -> str | None:
+    """What to do when a class fitted in this change is found in too few of its val photos."""
+    if recall >= NEW_CLASS_MIN_RECALL:
+        return None
+    return (f"{name} is found in {100 * recall:.0f} % of its val photos ({train_photos} training photos): "
+            f"more photos of it (other sides, backgrounds, light) let the head find it more often; "
+            f"see README, 'A few dozen photos'.")
+
+
 def _finish_head_change(result: Any, source: Any, formats: str | None, out_dir: str, calibration_count: int,
                         no_export: bool, force: bool, quiet: bool, started: float) -> None:
     """Print what changed, export and gate the new run, print each phase's time."""
@@ -342,6 +354,10 @@ def _finish_head_change(result: Any, source: Any, formats: str | None, out_dir: 
             click.echo(f"  note: {advice}")
     for name, c in report["per_class"].items():
         click.echo(f"  {name:<14} recall {c['recall']:.3f}  F1 {c['f1']:.3f}  (n={c['support']})")
+    for name in report["new_classes"]:
+        advice = new_class_advice(name, report["per_class"][name]["recall"], report["photos"]["train"][name])
+        if advice:
+            click.echo(f"  note: {advice}")
     same = report["backbone_sha256"]["before"] == report["backbone_sha256"]["after"]
     click.echo(f"  backbone sha256 {report['backbone_sha256']['after'][:16]}... "
                f"{'unchanged' if same else 'CHANGED'}; embeddings computed {report['embeddings']['computed']}, "

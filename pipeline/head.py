@@ -365,6 +365,7 @@ def retrain_head(source: Source, sources: list[ClassSource], manifest: Manifest,
     after = probs[old_mask].argmax(1)
     report = {
         "classes": manifest.class_names, "val": {k: metrics[k] for k in ("top1", "macro_f1", "count")},
+        "new_classes": [name for name, row in zip(manifest.class_names, rows) if row < 0],  # or new photos
         "per_class": metrics["per_class"],
         "old_classes_val_top1": {
             "before": float((before == old_labels_in_old_order).mean()) if old_mask.any() else None,

@@ -120,3 +120,11 @@ def test_head_change_advises_retraining_when_the_classes_kept_lose_more_than_a_p
     assert kept_classes_advice(0.95, 0.96) is None
     advice = kept_classes_advice(0.9401, 0.9117)
     assert advice is not None and "2.8 pp" in advice and "trashsort train" in advice
+
+
+def test_head_change_advises_more_photos_when_a_new_class_is_rarely_found() -> None:
+    from pipeline.cli import new_class_advice
+
+    assert new_class_advice("metal", 0.758, 285) is None
+    advice = new_class_advice("metal", 0.29, 20)
+    assert advice is not None and advice.startswith("metal is found in 29 % ") and "20 training photos" in advice

@@ -56,6 +56,7 @@ def test_add_class_end_to_end(exported, tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / f"{base['name']}-v{base['version'] + 1}"
     report = json.loads((run_dir / "head_report.json").read_text())
     assert report["per_class"]["battery"]["recall"] == 1.0  # a colour no other class has
+    assert report["new_classes"] == ["battery"]
     assert report["old_classes_val_top1"]["after"] >= report["old_classes_val_top1"]["before"] - 0.01
     # The backbone is byte-identical: every tensor but the head's.
     before, after = backbone_tensors(exported["run"].run_dir), backbone_tensors(run_dir)
