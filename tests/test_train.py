@@ -53,10 +53,11 @@ def test_tiny_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
 def test_training_is_reproducible_and_survives_a_kill(variant: str, tiny_data: Path, tmp_path: Path,
                                                       request: pytest.FixtureRequest) -> None:
     """Kill a run mid-epoch with SIGKILL, resume it: it ends with the same weights as a clean run
-    (with mixup and CutMix on, whose draws are seeded too, and two optimizer parameter groups; or
+    (with mixup, CutMix and TrivialAugment on, whose draws are seeded too, and two optimizer
+    parameter groups; or
     with the ImageNet distillation term, whose own head must be resumed too)."""
     if variant == "mixing":
-        options = dict(mixup=0.2, cutmix=1.0, backbone_lr_scale=0.5)
+        options = dict(mixup=0.2, cutmix=1.0, trivial_augment=True, backbone_lr_scale=0.5)
     else:
         weights = request.getfixturevalue("peaked_imagenet_weights")
         options = dict(model="mobilenetv3_small", pretrained=True, weights=str(weights), imagenet_distill=1.0)
