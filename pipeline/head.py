@@ -322,7 +322,13 @@ def retrain_head(source: Source, sources: list[ClassSource], manifest: Manifest,
     and save it as a new run folder. The report holds val metrics, old-class accuracy before and
     after, the backbone hash before and after, and the time of each phase."""
     timings: dict[str, float] = {}
-    t = time.perf_counter()
+    last = time.perf_counter()
+
+    def lap(phase: str) -> None:  # a phase's seconds, from the end of the one before
+        nonlocal last
+        now = time.perf_counter()
+        timings[phase], last = now - last, now
+
     model = source.model
     backbone_before = backbone_sha256(model.model)
     if source.manifest.model.backbone_sha256 not in (None, backbone_before):
@@ -331,21 +337,18 @@ def retrain_head(source: Source, sources: list[ClassSource], manifest: Manifest,
     known = {(s.name, s.folder) for s in source.classes}
     _check_counts(folder, [s for s in sources if (s.name, s.folder) not in known], min_photos)
     pre = manifest.preprocess
-    timings["scan"] = time.perf_counter() - t
+    lap("scan")
 
-    t = time.perf_counter()
     feats, labels, computed, cache = embed_folder(model, backbone_before, pre, folder, cache_dir, progress)
-    timings["decode_embed"] = time.perf_counter() - t
+    lap("decode_embed")
 
-    t = time.perf_counter()
     head_layer = model.model.get_classifier()
     rows = _source_rows(source, sources)
     prior = (head_layer.weight.detach().numpy(), head_layer.bias.detach().numpy(),
              rows)
     weight, bias = fit_head(feats["train"], labels["train"], manifest.num_classes, prior)
-    timings["fit_head"] = time.perf_counter() - t
+    lap("fit_head")
 
-    t = time.perf_counter()
     val_labels = labels["val"]
     old_k = source.manifest.num_classes
     old_mask = rows[val_labels] >= 0  # val photos of classes the source model already had
@@ -383,7 +386,7 @@ def retrain_head(source: Source, sources: list[ClassSource], manifest: Manifest,
     write_json_atomic(run_dir / "config.json", asdict(source.cfg))
     write_json_atomic(run_dir / "classes.json", [asdict(s) for s in sources])
     save_checkpoint(run_dir / "checkpoint.pt", new_model.model, manifest, run_dir / "manifest.json")
-    timings["evaluate_save"] = time.perf_counter() - t
+    lap("evaluate_save")
     report["seconds"] = {k: round(v, 2) for k, v in timings.items()}
     write_json_atomic(run_dir / "head_report.json", report)
     return HeadResult(run_dir, new_model, manifest, folder, report)
